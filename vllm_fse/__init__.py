@@ -1,0 +1,48 @@
+"""vllm-fse: fused shared experts (FSE) for GLM-4.x MoE models, as a vLLM plugin.
+
+vLLM calls :func:`register` through the ``vllm.general_plugins`` entry point ``fse`` in every
+process it starts (API server, engine core, workers), sometimes more than once. It must stay
+cheap: nothing here imports torch or a model module; vLLM imports the model lazily from the
+``"module:Class"`` strings registered below.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+# Upstream architecture name -> the plugin's class, as a lazy "module:Class" string.
+MODEL_OVERRIDES: dict[str, str] = {
+    "Glm4MoeForCausalLM": "vllm_fse.models.glm4_moe:FseGlm4MoeForCausalLM",
+    "Glm4MoeMTPModel": "vllm_fse.models.glm4_moe_mtp:FseGlm4MoeMTP",
+}
+
+_reported = False
+
+
+def register() -> None:
+    """Point vLLM's model registry at the plugin's GLM-4 MoE classes.
+
+    Re-entrant: registering again overwrites the same entries with the same strings. The
+    outcome is logged once per process.
+    """
+    global _reported
+    from vllm_fse.compat import logger, supported_vllm_version
+
+    supported, reason = supported_vllm_version()
+    if not supported:
+        if not _reported:
+            logger.error("vllm-fse: inactive, upstream GLM-4 MoE classes stay in place: %s", reason)
+            _reported = True
+        return
+
+    from vllm import ModelRegistry
+
+    for arch, target in MODEL_OVERRIDES.items():
+        ModelRegistry.register_model(arch, target)
+    if not _reported:
+        logger.info(
+            "vllm-fse: %s registered: %s",
+            __version__,
+            ", ".join(f"{arch} -> {target}" for arch, target in MODEL_OVERRIDES.items()),
+        )
+        _reported = True

@@ -1,0 +1,87 @@
+"""The ``vllm-fse`` command line: ``tiny-model`` and ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from vllm_fse.tiny_model import PRESETS, TinyGlmSpec
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
+    """One ``--field-name`` option per TinyGlmSpec field, overriding the preset."""
+    parser.add_argument(
+        "--preset", choices=sorted(PRESETS), default="tiny", help="starting point (default: tiny)"
+    )
+    for field in dataclasses.fields(TinyGlmSpec):
+        default = getattr(PRESETS["tiny"], field.name)
+        kind = {bool: _parse_bool, int: int, float: float, str: str}[type(default)]
+        parser.add_argument(
+            f"--{field.name.replace('_', '-')}",
+            type=kind,
+            default=None,
+            metavar=type(default).__name__.upper(),
+            help=f"(tiny preset: {default})",
+        )
+
+
+def spec_from_args(args: argparse.Namespace) -> TinyGlmSpec:
+    overrides = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(TinyGlmSpec)
+        if getattr(args, f.name) is not None
+    }
+    return dataclasses.replace(PRESETS[args.preset], **overrides)
+
+
+def _tiny_model(args: argparse.Namespace) -> int:
+    from vllm_fse.tiny_model import write_tiny_model
+
+    spec = spec_from_args(args)
+    out = write_tiny_model(args.out_dir, spec)
+    print(f"tiny GLM-4 MoE checkpoint in {out} ({spec})")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from vllm_fse.demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vllm-fse", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    tiny = sub.add_parser(
+        "tiny-model", help="write a deterministic tiny random GLM-4.x MoE checkpoint"
+    )
+    tiny.add_argument("out_dir", help="directory to write (created if missing)")
+    add_spec_arguments(tiny)
+    tiny.set_defaults(func=_tiny_model)
+
+    from vllm_fse.demo import add_demo_arguments
+
+    demo = sub.add_parser("demo", help="serve the tiny model with and without the plugin")
+    add_demo_arguments(demo)
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""Which vLLM versions the plugin supports, and the plugin's logger."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from packaging.version import InvalidVersion, Version
+
+# A child of vLLM's "vllm" logger, so messages go through vLLM's handler and format.
+logger = logging.getLogger("vllm.fse")
+
+SUPPORTED_MINOR_VERSIONS = ((0, 32), (0, 33))
+SUPPORTED_RANGE = ">=0.32.0,<0.34"
+SKIP_VERSION_CHECK_ENV = "VLLM_FSE_SKIP_VERSION_CHECK"
+
+
+def is_supported_version(version: str) -> bool:
+    """True for any 0.32.x or 0.33.x release, including rc/dev/local builds of them."""
+    try:
+        release = Version(version).release
+    except InvalidVersion:
+        return False
+    return release[:2] in SUPPORTED_MINOR_VERSIONS
+
+
+def supported_vllm_version() -> tuple[bool, str]:
+    """(supported, reason) for the vLLM installed in this process."""
+    from vllm.version import __version__ as vllm_version
+
+    if is_supported_version(vllm_version):
+        return True, f"vLLM {vllm_version}"
+    if os.environ.get(SKIP_VERSION_CHECK_ENV) == "1":
+        return True, f"vLLM {vllm_version} outside {SUPPORTED_RANGE}, accepted by {SKIP_VERSION_CHECK_ENV}=1"
+    return False, (
+        f"vLLM {vllm_version} is outside the supported range {SUPPORTED_RANGE} "
+        f"(set {SKIP_VERSION_CHECK_ENV}=1 to try anyway)"
+    )

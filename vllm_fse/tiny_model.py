@@ -1,0 +1,314 @@
+"""Deterministic tiny random GLM-4.x MoE checkpoints with the real GLM tensor layout.
+
+The checkpoint is what a HF GLM-4.5/4.6/4.7 repository holds, only small: per-expert
+``mlp.experts.{e}.{gate,up,down}_proj.weight``, the shared experts packed into one MLP of width
+``moe_intermediate_size * n_shared_experts``, ``mlp.gate.e_score_correction_bias``, dense layers
+before ``first_k_dense_replace``, and optionally the MTP layer at
+``model.layers.{num_hidden_layers}`` with ``eh_proj``/``enorm``/``hnorm``/``shared_head``.
+
+Weights are scaled so that every block contributes at unit scale and the logits are peaked
+(``init=std(0.02)`` would give near-flat logits, against which any two implementations agree).
+Everything is seeded: the same arguments give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+# GLM-4.5's special tokens; <|endoftext|> is its EOS.
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "[MASK]",
+    "[gMASK]",
+    "[sMASK]",
+    "<sop>",
+    "<eop>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|observation|>",
+]
+EOS_TOKEN = "<|endoftext|>"
+
+# Training text for the byte-level BPE tokenizer (deterministic, no download).
+_CORPUS = """\
+The quick brown fox jumps over the lazy dog. A mixture of experts model sends every token to a
+few experts chosen by a router, and to a shared expert that sees every token. Fused shared experts
+put the shared expert into the same kernel as the routed ones, so one pass does the work of two.
+The river runs past the old mill, under the stone bridge and into the sea. In the morning the
+market opens, people buy bread, fish, apples and coffee, and talk about the weather and the news.
+Numbers count: one, two, three, four, five, six, seven, eight, nine, ten, eleven, twelve, hundred.
+def forward(self, hidden_states): return self.experts(hidden_states, router_logits)
+Once upon a time there was a small model that wanted to speak. It learned words, then sentences,
+then whole stories about mountains, rivers, cities, machines, music, science and friendship.
+What is the capital of France? Paris is the capital of France. What is two plus two? It is four.
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyGlmSpec:
+    """Shape and routing knobs of a tiny GLM-4 MoE checkpoint."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    moe_intermediate_size: int = 32
+    num_hidden_layers: int = 3
+    first_k_dense_replace: int = 1
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 32  # vLLM's CPU attention supports 32 and up
+    n_routed_experts: int = 8
+    num_experts_per_tok: int = 2
+    n_shared_experts: int = 1
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 2.5
+    norm_topk_prob: bool = True
+    attention_bias: bool = True
+    use_qk_norm: bool = False
+    mtp_layers: int = 0
+    vocab_size: int = 512
+    dtype: str = "float32"
+    seed: int = 0
+    max_position_embeddings: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
+            raise ValueError("first_k_dense_replace must lie in [0, num_hidden_layers]")
+        if self.n_routed_experts % self.n_group:
+            raise ValueError("n_routed_experts must be divisible by n_group")
+        if self.num_experts_per_tok > self.n_routed_experts:
+            raise ValueError("num_experts_per_tok cannot exceed n_routed_experts")
+        if self.n_shared_experts < 0:
+            raise ValueError("n_shared_experts must be >= 0")
+
+
+# Presets: "tiny" for tests and the demo; "bench" is GLM-shaped but sized for a 2-core CPU.
+PRESETS: dict[str, TinyGlmSpec] = {
+    "tiny": TinyGlmSpec(),
+    "tiny-mtp": TinyGlmSpec(mtp_layers=1),
+    "bench": TinyGlmSpec(
+        hidden_size=1024,
+        intermediate_size=2816,
+        moe_intermediate_size=256,
+        num_hidden_layers=6,
+        first_k_dense_replace=1,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=128,
+        n_routed_experts=64,
+        num_experts_per_tok=8,
+        n_shared_experts=1,
+        vocab_size=2048,
+        dtype="bfloat16",
+        mtp_layers=1,
+    ),
+}
+
+
+def build_tokenizer(vocab_size: int):
+    """A byte-level BPE tokenizer with exactly ``vocab_size`` entries (special tokens included)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_CORPUS.splitlines(), trainer=trainer)
+    # A short corpus runs out of merges before vocab_size: pad with inert tokens so that the
+    # model's vocabulary and the tokenizer's agree exactly.
+    missing = vocab_size - tokenizer.get_vocab_size()
+    if missing < 0:
+        raise ValueError(f"vocab_size {vocab_size} is below the byte alphabet plus specials")
+    if missing:
+        tokenizer.add_tokens([f"<|unused_{i}|>" for i in range(missing)])
+    assert tokenizer.get_vocab_size() == vocab_size
+    return tokenizer
+
+
+class _Init:
+    """Seeded tensor factory; tensors are drawn in a fixed order."""
+
+    def __init__(self, seed: int, dtype: torch.dtype) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+        self.dtype = dtype
+
+    def normal(self, *shape: int, std: float, mean: float = 0.0) -> torch.Tensor:
+        t = torch.randn(*shape, generator=self.generator, dtype=torch.float32) * std + mean
+        return t.to(self.dtype)
+
+    def linear(self, out_features: int, in_features: int, gain: float = 1.0) -> torch.Tensor:
+        # Unit-variance outputs for unit-variance inputs.
+        return self.normal(out_features, in_features, std=gain / math.sqrt(in_features))
+
+    def norm(self, size: int) -> torch.Tensor:
+        return self.normal(size, std=0.1, mean=1.0)
+
+
+def _mlp(init: _Init, prefix: str, hidden: int, inter: int) -> dict[str, torch.Tensor]:
+    return {
+        f"{prefix}.gate_proj.weight": init.linear(inter, hidden),
+        f"{prefix}.up_proj.weight": init.linear(inter, hidden),
+        f"{prefix}.down_proj.weight": init.linear(hidden, inter),
+    }
+
+
+def _decoder_layer(init: _Init, spec: TinyGlmSpec, layer: int) -> dict[str, torch.Tensor]:
+    p = f"model.layers.{layer}"
+    h, hd = spec.hidden_size, spec.head_dim
+    q_out, kv_out = spec.num_attention_heads * hd, spec.num_key_value_heads * hd
+    t: dict[str, torch.Tensor] = {
+        f"{p}.input_layernorm.weight": init.norm(h),
+        f"{p}.self_attn.q_proj.weight": init.linear(q_out, h),
+        f"{p}.self_attn.k_proj.weight": init.linear(kv_out, h),
+        f"{p}.self_attn.v_proj.weight": init.linear(kv_out, h),
+        f"{p}.self_attn.o_proj.weight": init.linear(h, q_out),
+        f"{p}.post_attention_layernorm.weight": init.norm(h),
+    }
+    if spec.attention_bias:
+        t[f"{p}.self_attn.q_proj.bias"] = init.normal(q_out, std=0.1)
+        t[f"{p}.self_attn.k_proj.bias"] = init.normal(kv_out, std=0.1)
+        t[f"{p}.self_attn.v_proj.bias"] = init.normal(kv_out, std=0.1)
+    if spec.use_qk_norm:
+        t[f"{p}.self_attn.q_norm.weight"] = init.norm(hd)
+        t[f"{p}.self_attn.k_norm.weight"] = init.norm(hd)
+    if layer < spec.first_k_dense_replace:
+        t.update(_mlp(init, f"{p}.mlp", h, spec.intermediate_size))
+        return t
+    # Router: logits of order 1 so that sigmoid scores and the top-k choice vary per token.
+    t[f"{p}.mlp.gate.weight"] = init.linear(spec.n_routed_experts, h)
+    t[f"{p}.mlp.gate.e_score_correction_bias"] = init.normal(spec.n_routed_experts, std=0.05)
+    for e in range(spec.n_routed_experts):
+        t.update(_mlp(init, f"{p}.mlp.experts.{e}", h, spec.moe_intermediate_size))
+    if spec.n_shared_experts:
+        t.update(
+            _mlp(
+                init,
+                f"{p}.mlp.shared_experts",
+                h,
+                spec.moe_intermediate_size * spec.n_shared_experts,
+            )
+        )
+    return t
+
+
+def build_state_dict(spec: TinyGlmSpec) -> dict[str, torch.Tensor]:
+    """All checkpoint tensors, in the order a HF checkpoint lists them."""
+    init = _Init(spec.seed, DTYPES[spec.dtype])
+    h, v = spec.hidden_size, spec.vocab_size
+    tensors: dict[str, torch.Tensor] = {"model.embed_tokens.weight": init.normal(v, h, std=1.0)}
+    for layer in range(spec.num_hidden_layers):
+        tensors.update(_decoder_layer(init, spec, layer))
+    tensors["model.norm.weight"] = init.norm(h)
+    # Gain 4: logits with a std of about 4 are peaked without being one-hot.
+    tensors["lm_head.weight"] = init.linear(v, h, gain=4.0)
+    for mtp in range(spec.mtp_layers):
+        layer = spec.num_hidden_layers + mtp
+        if layer < spec.first_k_dense_replace:
+            raise ValueError("the MTP layer must be a MoE layer")
+        p = f"model.layers.{layer}"
+        tensors.update(_decoder_layer(init, spec, layer))
+        tensors[f"{p}.enorm.weight"] = init.norm(h)
+        tensors[f"{p}.hnorm.weight"] = init.norm(h)
+        tensors[f"{p}.eh_proj.weight"] = init.linear(h, 2 * h)
+        tensors[f"{p}.shared_head.norm.weight"] = init.norm(h)
+        tensors[f"{p}.shared_head.head.weight"] = tensors["lm_head.weight"].clone()
+    return tensors
+
+
+def hf_config(spec: TinyGlmSpec, eos_token_id: int) -> dict:
+    """config.json as GLM-4.5 ships it, with the tiny sizes."""
+    return {
+        "architectures": ["Glm4MoeForCausalLM"],
+        "model_type": "glm4_moe",
+        "attention_bias": spec.attention_bias,
+        "attention_dropout": 0.0,
+        "eos_token_id": eos_token_id,
+        "pad_token_id": eos_token_id,
+        "first_k_dense_replace": spec.first_k_dense_replace,
+        "head_dim": spec.head_dim,
+        "hidden_act": "silu",
+        "hidden_size": spec.hidden_size,
+        "initializer_range": 0.02,
+        "intermediate_size": spec.intermediate_size,
+        "max_position_embeddings": spec.max_position_embeddings,
+        "moe_intermediate_size": spec.moe_intermediate_size,
+        "n_group": spec.n_group,
+        "n_routed_experts": spec.n_routed_experts,
+        "n_shared_experts": spec.n_shared_experts,
+        "norm_topk_prob": spec.norm_topk_prob,
+        "num_attention_heads": spec.num_attention_heads,
+        "num_experts_per_tok": spec.num_experts_per_tok,
+        "num_hidden_layers": spec.num_hidden_layers,
+        "num_key_value_heads": spec.num_key_value_heads,
+        "num_nextn_predict_layers": spec.mtp_layers,
+        "partial_rotary_factor": 0.5,
+        "rms_norm_eps": 1e-05,
+        "rope_theta": 1000000,
+        "routed_scaling_factor": spec.routed_scaling_factor,
+        "tie_word_embeddings": False,
+        "topk_group": spec.topk_group,
+        "torch_dtype": spec.dtype,
+        "use_cache": True,
+        "use_qk_norm": spec.use_qk_norm,
+        "vocab_size": spec.vocab_size,
+    }
+
+
+def spec_fingerprint(spec: TinyGlmSpec) -> str:
+    payload = json.dumps(dataclasses.asdict(spec), sort_keys=True) + _CORPUS
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def write_tiny_model(out_dir: str | Path, spec: TinyGlmSpec) -> Path:
+    """Write the checkpoint, config and tokenizer to ``out_dir``; return the directory.
+
+    Re-running with the same spec on an existing directory is a no-op (checked by fingerprint).
+    """
+    out = Path(out_dir)
+    stamp = out / "vllm_fse_tiny_model.json"
+    fingerprint = spec_fingerprint(spec)
+    if stamp.exists() and json.loads(stamp.read_text()).get("fingerprint") == fingerprint:
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = build_tokenizer(spec.vocab_size)
+    tokenizer.save(str(out / "tokenizer.json"))
+    eos_id = tokenizer.token_to_id(EOS_TOKEN)
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "eos_token": EOS_TOKEN,
+                "pad_token": EOS_TOKEN,
+                "model_max_length": spec.max_position_embeddings,
+                "clean_up_tokenization_spaces": False,
+            },
+            indent=2,
+        )
+    )
+    (out / "config.json").write_text(json.dumps(hf_config(spec, eos_id), indent=2))
+    (out / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": eos_id, "pad_token_id": eos_id}, indent=2)
+    )
+    save_file(build_state_dict(spec), str(out / "model.safetensors"), metadata={"format": "pt"})
+    stamp.write_text(
+        json.dumps({"fingerprint": fingerprint, "spec": dataclasses.asdict(spec)}, indent=2)
+    )
+    return out
