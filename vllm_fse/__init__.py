@@ -41,7 +41,7 @@ def register() -> None:
         ModelRegistry.register_model(arch, target)
     if not _reported:
         logger.info(
-            "vllm-fse: %s registered: %s",
+            "vllm-fse: plugin %s registered %s",
             __version__,
             ", ".join(f"{arch} -> {target}" for arch, target in MODEL_OVERRIDES.items()),
         )

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import logging
 import os
 
 from packaging.version import InvalidVersion, Version
+from vllm.logger import init_logger
 
-# A child of vLLM's "vllm" logger, so messages go through vLLM's handler and format.
-logger = logging.getLogger("vllm.fse")
+# A child of vLLM's "vllm" logger: messages go through the handler, level and format that
+# vLLM's entrypoints configure.
+logger = init_logger("vllm.fse")
 
 SUPPORTED_MINOR_VERSIONS = ((0, 32), (0, 33))
 SUPPORTED_RANGE = ">=0.32.0,<0.34"
