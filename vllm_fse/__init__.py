@@ -26,7 +26,7 @@ def register() -> None:
     outcome is logged once per process.
     """
     global _reported
-    from vllm_fse.compat import logger, supported_vllm_version
+    from vllm_fse.compat import declare_plugin_env_vars, logger, supported_vllm_version
 
     supported, reason = supported_vllm_version()
     if not supported:
@@ -37,6 +37,7 @@ def register() -> None:
 
     from vllm import ModelRegistry
 
+    declare_plugin_env_vars()
     for arch, target in MODEL_OVERRIDES.items():
         ModelRegistry.register_model(arch, target)
     if not _reported:

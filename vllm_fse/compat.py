@@ -15,6 +15,18 @@ SUPPORTED_MINOR_VERSIONS = ((0, 32), (0, 33))
 SUPPORTED_RANGE = ">=0.32.0,<0.34"
 SKIP_VERSION_CHECK_ENV = "VLLM_FSE_SKIP_VERSION_CHECK"
 
+# The plugin's environment variables. They share vLLM's VLLM_ prefix, so vLLM must know them:
+# otherwise it warns "Unknown vLLM environment variable" and, with
+# --fail-on-environ-validation, refuses to start.
+PLUGIN_ENV_VARS = ("VLLM_FSE", SKIP_VERSION_CHECK_ENV, "VLLM_FSE_CACHE")
+
+
+def declare_plugin_env_vars() -> None:
+    import vllm.envs as envs
+
+    for name in PLUGIN_ENV_VARS:
+        envs.environment_variables.setdefault(name, lambda name=name: os.environ.get(name))
+
 
 def is_supported_version(version: str) -> bool:
     """True for any 0.32.x or 0.33.x release, including rc/dev/local builds of them."""

@@ -8,26 +8,59 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 
 def model_class(model) -> str:
     """``module:Class`` of the instantiated model."""
     return f"{type(model).__module__}:{type(model).__qualname__}"
 
 
-def describe_model(model) -> dict[str, Any]:
-    """Class and per-MoE-layer facts of a live GLM-4 MoE model (main or MTP)."""
-    layers = []
+def _moe_blocks(model):
+    """(name, block) for every module that owns a FusedMoE runner as ``experts``."""
     for name, module in model.named_modules():
-        experts = getattr(module, "experts", None)
-        if experts is None or not hasattr(experts, "w13_weight"):
-            continue
+        routed = getattr(getattr(module, "experts", None), "routed_experts", None)
+        if routed is not None and hasattr(routed, "w13_weight"):
+            yield name, module
+
+
+def describe_model(model) -> dict[str, Any]:
+    """Class, FSE plan and per-MoE-layer structure of a live GLM-4 MoE model (main or MTP)."""
+    plan = getattr(model, "fse_plan", None)
+    layers = []
+    for name, block in _moe_blocks(model):
+        runner = block.experts
         layers.append(
             {
                 "name": name,
-                "class": type(module).__qualname__,
-                "has_shared_experts_mlp": getattr(module, "shared_experts", None) is not None,
-                "w13_shape": list(experts.w13_weight.shape),
-                "w2_shape": list(experts.w2_weight.shape),
+                "has_shared_experts_mlp": getattr(block, "shared_experts", None) is not None,
+                "router": type(runner.router).__qualname__,
+                "shared_slot_weight": getattr(runner.router, "slot_weight", None),
+                "top_k": runner.moe_config.experts_per_token,
+                "w13_shape": list(runner.routed_experts.w13_weight.shape),
+                "w2_shape": list(runner.routed_experts.w2_weight.shape),
             }
         )
-    return {"class": model_class(model), "moe_layers": layers}
+    return {
+        "class": model_class(model),
+        "fse_path": plan.path.name if plan is not None else None,
+        "fse_reason": plan.reason if plan is not None else None,
+        "moe_layers": layers,
+    }
+
+
+def shared_slot_weights(model) -> dict[str, dict[str, torch.Tensor]]:
+    """The FusedMoE rows beyond the routed experts (the fused shared slots), per MoE block.
+
+    ``w13`` is ``[n_slots, 2 * moe_intermediate, hidden]`` (gate rows, then up rows) and ``w2``
+    ``[n_slots, hidden, moe_intermediate]``, as float32 copies.
+    """
+    out = {}
+    for name, block in _moe_blocks(model):
+        routed = block.experts.routed_experts
+        n_routed = block.n_routed_experts
+        out[name] = {
+            "w13": routed.w13_weight[n_routed:].detach().float().cpu().clone(),
+            "w2": routed.w2_weight[n_routed:].detach().float().cpu().clone(),
+        }
+    return out

@@ -1,0 +1,157 @@
+"""The one place that decides whether a model runs with fused shared experts, and how.
+
+Both GLM-4 MoE classes (main model and MTP draft) ask :func:`plan_fse`; a model never
+decides on its own. Precedence of the toggles (default: off):
+
+1. ``VLLM_FSE=0`` forces FSE off everywhere, whatever else is set.
+2. ``VLLM_FSE=1`` turns it on for any platform.
+3. On ROCm, vLLM's own ``VLLM_ROCM_USE_AITER_FUSION_SHARED_EXPERTS=1`` turns it on too, when
+   AITER MoE is active (``VLLM_ROCM_USE_AITER=1``, ``VLLM_ROCM_USE_AITER_MOE=1``), as upstream.
+
+The path follows the platform: with AITER MoE active, the shared slots run through vLLM's AITER
+fused-shared-expert machinery (which needs the upstream toggle); everywhere else (CPU, CUDA,
+ROCm without AITER MoE) through the backend-neutral router that appends the shared slots.
+A request that cannot be honoured falls back to the unfused shared-expert MLP with one
+warning that names the reason. One decision covers every MoE layer of a model, so layers are
+never mixed (upstream refuses mixed layers too).
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass
+
+from vllm_fse.compat import logger
+from vllm_fse.loading import (
+    SharedExpertFormat,
+    UnsupportedSharedExpertFormat,
+    shared_expert_format,
+)
+
+FSE_ENV = "VLLM_FSE"
+AITER_FSE_ENV = "VLLM_ROCM_USE_AITER_FUSION_SHARED_EXPERTS"
+
+
+class FsePath(enum.Enum):
+    OFF = "unfused"
+    BACKEND_NEUTRAL = "backend-neutral router append"
+    AITER = "ROCm AITER fused shared experts"
+
+
+@dataclass(frozen=True)
+class FsePlan:
+    """How a model runs its shared experts."""
+
+    path: FsePath
+    reason: str
+    n_routed_experts: int = 0
+    n_shared_experts: int = 0
+    format: SharedExpertFormat | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.path is not FsePath.OFF
+
+    @property
+    def slots(self) -> range:
+        return range(self.n_routed_experts, self.n_routed_experts + self.n_shared_experts)
+
+
+def _env_fse() -> bool | None:
+    value = os.environ.get(FSE_ENV)
+    if value is None or value == "":
+        return None
+    if value not in ("0", "1"):
+        raise ValueError(f"{FSE_ENV} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+def _aiter_moe_active() -> bool:
+    from vllm._aiter_ops import rocm_aiter_ops
+
+    return bool(rocm_aiter_ops.is_fused_moe_enabled())
+
+
+def _aiter_fse_active() -> bool:
+    from vllm._aiter_ops import rocm_aiter_ops
+
+    return bool(rocm_aiter_ops.is_fusion_moe_shared_experts_enabled())
+
+
+def _refusal(vllm_config, aiter: bool) -> str | None:
+    """Why FSE cannot run in this configuration, or None."""
+    parallel = vllm_config.parallel_config
+    if parallel.enable_eplb:
+        # EPLB would replicate and move the shared slots as if they were routed experts.
+        return "EPLB is enabled (it would treat the shared slots as routed experts)"
+    if vllm_config.lora_config is not None:
+        return "LoRA is enabled (MoE LoRA adapters have no shared-slot rows)"
+    hf_quant = getattr(vllm_config.model_config.hf_config, "quantization_config", None)
+    if vllm_config.quant_config is not None and not hf_quant:
+        return (
+            f"online quantization ({vllm_config.model_config.quantization}) of an unquantized "
+            "checkpoint is not supported"
+        )
+    if aiter:
+        from vllm.model_executor.layers.quantization.utils.config_utils import (
+            is_shared_expert_quant_fse_compatible,
+        )
+
+        ok, why = is_shared_expert_quant_fse_compatible(
+            vllm_config.quant_config, "model.layers.0.mlp.experts", "model.layers.0.mlp.shared_experts"
+        )
+        if not ok:
+            return f"AITER cannot fuse this checkpoint's shared experts: {why}"
+    return None
+
+
+def plan_fse(vllm_config) -> FsePlan:
+    """Decide FSE for the model described by ``vllm_config`` (main model or MTP draft)."""
+    from vllm.platforms import current_platform
+
+    config = vllm_config.model_config.hf_config
+    n_routed = int(config.n_routed_experts)
+    n_shared = int(getattr(config, "n_shared_experts", 0) or 0)
+
+    forced = _env_fse()
+    if forced is False:
+        return FsePlan(FsePath.OFF, f"{FSE_ENV}=0")
+    if n_shared == 0:
+        return FsePlan(FsePath.OFF, "the model has no shared experts")
+
+    on_rocm = current_platform.is_rocm()
+    aiter_moe = on_rocm and _aiter_moe_active()
+    aiter_fse = aiter_moe and _aiter_fse_active()
+    if not (forced or aiter_fse):
+        if on_rocm and os.environ.get(AITER_FSE_ENV) == "1" and not aiter_moe:
+            return _fallback(
+                f"{AITER_FSE_ENV}=1 needs AITER MoE (VLLM_ROCM_USE_AITER=1, "
+                f"VLLM_ROCM_USE_AITER_MOE=1); set {FSE_ENV}=1 for the backend-neutral path"
+            )
+        return FsePlan(FsePath.OFF, f"not requested ({FSE_ENV} unset)")
+
+    if aiter_moe and not aiter_fse:
+        return _fallback(
+            f"AITER MoE is active, where FSE runs through AITER: set {AITER_FSE_ENV}=1"
+        )
+    path = FsePath.AITER if aiter_fse else FsePath.BACKEND_NEUTRAL
+    hf_quant = getattr(config, "quantization_config", None)
+    try:
+        fmt = shared_expert_format(hf_quant if isinstance(hf_quant, dict) else None)
+    except UnsupportedSharedExpertFormat as e:
+        return _fallback(f"unsupported shared-expert weight format: {e}")
+    refusal = _refusal(vllm_config, aiter=path is FsePath.AITER)
+    if refusal:
+        return _fallback(refusal)
+    requested_by = f"{FSE_ENV}=1" if forced else f"{AITER_FSE_ENV}=1"
+    return FsePlan(path, f"requested by {requested_by}", n_routed, n_shared, fmt)
+
+
+def _fallback(reason: str) -> FsePlan:
+    logger.warning_once(
+        "vllm-fse: fused shared experts requested but not possible, running the shared "
+        "experts unfused: %s",
+        reason,
+    )
+    return FsePlan(FsePath.OFF, f"fallback: {reason}")

@@ -1,0 +1,290 @@
+"""vLLM-side wiring of fused shared experts, shared by the GLM-4 MoE main and MTP models.
+
+Construction: upstream ``Glm4MoE.__init__`` asks ``resolve_layer_fused_shared_expert`` whether
+to fuse and builds its experts with ``FusedMoEFactory``. While a plugin model is constructed,
+:func:`glm4_moe_construction` answers the first from the plugin's :class:`FsePlan` and, on the
+backend-neutral path, turns the second into a FusedMoE with ``n_routed + n_shared`` experts and
+``top_k + n_shared`` slots per token whose router is vLLM's own router for the routed experts
+followed by :class:`SharedSlotRouter`. Upstream's constructor stays the single source of the
+MoE block's structure and parameter names.
+
+Loading: checkpoint tensors go through :mod:`vllm_fse.loading` (split into the slots), and the
+FusedMoE weight loaders report which slot tensors they stored, so a slot left unfilled is an
+error instead of a silent zero.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+from vllm.model_executor.layers.fused_moe.router.fused_moe_router import FusedMoERouter
+from vllm.model_executor.layers.fused_moe.router.router_factory import (
+    create_fused_moe_router,
+)
+
+from vllm_fse.compat import logger
+from vllm_fse.decision import FsePath, FsePlan
+from vllm_fse.loading import SharedExpertLayout, SlotTracker, split_shared_experts
+
+# FusedMoE shard ids -> checkpoint projection names (GLM: gate=w1, up=w3, down=w2).
+_SHARD_TO_PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
+class SharedSlotRouter(FusedMoERouter):
+    """vLLM's router for the routed experts, then every token to each shared slot.
+
+    The routed top-k (grouped selection, sigmoid scores, ``e_score_correction_bias``,
+    ``norm_topk_prob``) is the wrapped router's, unchanged; the shared slots
+    ``[first_slot, first_slot + n_slots)`` are appended after it, at ``slot_weight``.
+    """
+
+    def __init__(
+        self, routed: FusedMoERouter, first_slot: int, n_slots: int, slot_weight: float
+    ) -> None:
+        super().__init__(eplb_state=routed.eplb_state)
+        self.routed = routed
+        self.first_slot = first_slot
+        self.n_slots = n_slots
+        self.slot_weight = slot_weight
+
+    @property
+    def routing_method_type(self):
+        return self.routed.routing_method_type
+
+    def set_capture_fn(self, capture_fn: Callable[[torch.Tensor], None] | None) -> None:
+        self.routed.set_capture_fn(capture_fn)
+
+    def _select_experts(
+        self,
+        hidden_states: torch.Tensor,
+        router_logits: torch.Tensor,
+        topk_indices_dtype: torch.dtype | None = None,
+        *,
+        input_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        weights, ids = self.routed.select_experts(
+            hidden_states, router_logits, topk_indices_dtype, input_ids=input_ids
+        )
+        tokens = ids.shape[0]
+        slot_ids = torch.arange(
+            self.first_slot, self.first_slot + self.n_slots, device=ids.device, dtype=ids.dtype
+        ).expand(tokens, self.n_slots)
+        slot_weights = weights.new_full((tokens, self.n_slots), self.slot_weight)
+        return torch.cat([weights, slot_weights], dim=1), torch.cat([ids, slot_ids], dim=1)
+
+
+def shared_slot_weight(routed_scaling_factor: float, apply_routed_scale_to_output: bool) -> float:
+    """The slot weight that makes the fused sum equal the unfused one.
+
+    Unfused: ``rsf * sum_k w_k E_k(x) + S(x)`` when the runner scales the routed output by rsf,
+    or ``sum_k (rsf * w_k) E_k(x) + S(x)`` when rsf is folded into the routed weights. The shared
+    slot sits inside the scaled sum, so it gets ``1/rsf`` in the first case and ``1`` in the
+    second; ``rsf`` there would scale the shared expert by rsf**2 / rsf (upstream lost 48 gsm8k
+    points that way).
+    """
+    if apply_routed_scale_to_output and routed_scaling_factor:
+        return 1.0 / routed_scaling_factor
+    return 1.0
+
+
+def _backend_neutral_factory(plan: FsePlan, real_factory: Callable) -> Callable:
+    def factory(
+        *,
+        num_experts: int,
+        top_k: int,
+        n_shared_experts: int | None = None,
+        fuse_shared_experts: bool = False,
+        routed_scaling_factor: float = 1.0,
+        apply_routed_scale_to_output: bool = False,
+        **kwargs,
+    ):
+        if not fuse_shared_experts:
+            return real_factory(
+                num_experts=num_experts,
+                top_k=top_k,
+                n_shared_experts=n_shared_experts,
+                fuse_shared_experts=fuse_shared_experts,
+                routed_scaling_factor=routed_scaling_factor,
+                apply_routed_scale_to_output=apply_routed_scale_to_output,
+                **kwargs,
+            )
+        if n_shared_experts != plan.n_shared_experts or num_experts != plan.n_routed_experts:
+            raise RuntimeError(
+                f"vllm-fse: MoE block asks for {num_experts} routed + {n_shared_experts} shared "
+                f"experts, the plan has {plan.n_routed_experts} + {plan.n_shared_experts}"
+            )
+        # The routed part is routed exactly as upstream would, by the router vLLM picks for
+        # this platform; as in FusedMoEFactory, rsf goes either into it or onto the output.
+        routed = create_fused_moe_router(
+            top_k=top_k,
+            global_num_experts=num_experts,
+            eplb_state=None,  # plan_fse refuses EPLB
+            renormalize=kwargs.get("renormalize", True),
+            use_grouped_topk=kwargs.get("use_grouped_topk", False),
+            num_expert_group=kwargs.get("num_expert_group"),
+            topk_group=kwargs.get("topk_group"),
+            custom_routing_function=kwargs.get("custom_routing_function"),
+            scoring_func=kwargs.get("scoring_func", "softmax"),
+            routed_scaling_factor=1.0 if apply_routed_scale_to_output else routed_scaling_factor,
+            e_score_correction_bias=kwargs.get("e_score_correction_bias"),
+        )
+        router = SharedSlotRouter(
+            routed,
+            first_slot=num_experts,
+            n_slots=n_shared_experts,
+            slot_weight=shared_slot_weight(routed_scaling_factor, apply_routed_scale_to_output),
+        )
+        runner = real_factory(
+            num_experts=num_experts + n_shared_experts,
+            top_k=top_k + n_shared_experts,
+            router=router,
+            routed_scaling_factor=routed_scaling_factor,
+            apply_routed_scale_to_output=apply_routed_scale_to_output,
+            **kwargs,
+        )
+        if runner.routed_experts.quant_method.is_monolithic:
+            raise RuntimeError(
+                f"vllm-fse: the MoE kernel chosen for {kwargs.get('prefix')} "
+                f"({type(runner.routed_experts.quant_method).__name__}) routes inside the kernel, "
+                "so the shared slots cannot be appended; run with VLLM_FSE=0 or pick a modular "
+                "MoE backend (--moe-backend)"
+            )
+        return runner
+
+    return factory
+
+
+@contextlib.contextmanager
+def glm4_moe_construction(plan: FsePlan) -> Iterator[None]:
+    """Build upstream GLM-4 MoE blocks according to ``plan`` (see the module docstring).
+
+    Swaps two names in ``vllm.model_executor.models.glm4_moe`` for the duration of one model's
+    construction (single-threaded, restored on exit).
+    """
+    from vllm.model_executor.models import glm4_moe
+
+    real_resolve = glm4_moe.resolve_layer_fused_shared_expert
+    real_factory = glm4_moe.FusedMoEFactory
+    glm4_moe.resolve_layer_fused_shared_expert = lambda quant_config, prefix, *a, **k: plan.enabled
+    if plan.path is FsePath.BACKEND_NEUTRAL:
+        glm4_moe.FusedMoEFactory = _backend_neutral_factory(plan, real_factory)
+    try:
+        yield
+    finally:
+        glm4_moe.resolve_layer_fused_shared_expert = real_resolve
+        glm4_moe.FusedMoEFactory = real_factory
+
+
+def checkpoint_layout(hf_config, plan: FsePlan) -> SharedExpertLayout:
+    """The splitter's view of a GLM-4 MoE checkpoint: every MoE layer, MTP layers included."""
+    n_layers = hf_config.num_hidden_layers
+    n_mtp = getattr(hf_config, "num_nextn_predict_layers", 0) or 0
+    return SharedExpertLayout(
+        n_routed_experts=plan.n_routed_experts,
+        n_shared_experts=plan.n_shared_experts if plan.enabled else 0,
+        hidden_size=hf_config.hidden_size,
+        moe_intermediate_size=hf_config.moe_intermediate_size,
+        moe_layers=frozenset(range(hf_config.first_k_dense_replace, n_layers + n_mtp)),
+        format=plan.format,
+    )
+
+
+def _local_slots(runner, slots: range) -> list[int]:
+    """The shared slots this rank holds (all of them without expert parallelism)."""
+    expert_map = runner.routed_experts.expert_map
+    if expert_map is None:
+        return list(slots)
+    return [s for s in slots if s < expert_map.numel() and int(expert_map[s]) >= 0]
+
+
+@contextlib.contextmanager
+def _tracked_weight_loaders(moe_blocks: dict[int, torch.nn.Module], plan: FsePlan, tracker: SlotTracker):
+    """Make each FusedMoE parameter's weight loader report the slot tensors it stored."""
+    restore: list[tuple[torch.nn.Parameter, Callable]] = []
+
+    def tracking(loader: Callable, layer: int, suffix: str) -> Callable:
+        def load(*args, **kwargs):
+            stored = loader(*args, **kwargs)
+            expert_id, shard_id = kwargs.get("expert_id"), kwargs.get("shard_id")
+            if stored and expert_id in plan.slots and shard_id in _SHARD_TO_PROJ:
+                tracker.mark_loaded(layer, expert_id, _SHARD_TO_PROJ[shard_id], suffix)
+            return stored
+
+        return load
+
+    try:
+        for layer, block in moe_blocks.items():
+            for name, param in block.experts.routed_experts.named_parameters(recurse=False):
+                loader = getattr(param, "weight_loader", None)
+                if loader is None or not name.startswith(("w13_", "w2_")):
+                    continue
+                restore.append((param, loader))
+                param.weight_loader = tracking(loader, layer, name.split("_", 1)[1])
+        yield
+    finally:
+        for param, loader in restore:
+            param.weight_loader = loader
+
+
+def load_with_fused_shared_experts(
+    weights: Iterable[tuple[str, torch.Tensor]],
+    load: Callable[[Iterable[tuple[str, torch.Tensor]]], set[str]],
+    *,
+    plan: FsePlan,
+    hf_config,
+    moe_blocks: dict[int, torch.nn.Module],
+) -> set[str]:
+    """Run ``load`` (upstream's loader) on the split checkpoint, then verify every slot.
+
+    ``moe_blocks`` maps layer index -> MoE block for the layers this rank holds.
+    """
+    if not plan.enabled:
+        return load(weights)
+    layout = checkpoint_layout(hf_config, plan)
+    tracker = SlotTracker(
+        frozenset().union(
+            *(
+                SlotTracker.for_layers(layout, [layer], _local_slots(block.experts, plan.slots)).expected
+                for layer, block in moe_blocks.items()
+            )
+        )
+    )
+    with _tracked_weight_loaders(moe_blocks, plan, tracker):
+        loaded = load(split_shared_experts(weights, layout))
+    tracker.verify()
+    return loaded
+
+
+def log_plan(model_name: str, plan: FsePlan, moe_blocks: dict[int, torch.nn.Module]) -> None:
+    """One INFO line per model: on/off, path, MoE layers, slot indices, shared-slot weight."""
+    moe_layers = sorted(moe_blocks)
+    if plan.enabled:
+        router = next(iter(moe_blocks.values())).experts.router if moe_blocks else None
+        if isinstance(router, SharedSlotRouter):
+            weight = f"{router.slot_weight:g}"
+        else:
+            weight = "1.0, routed_scaling_factor applied by AITER to the routed slots only"
+        logger.info_once(
+            "vllm-fse: %s FSE on (%s; %s): %d MoE layers %s, shared slots %s of %d experts per "
+            "layer, shared-slot weight %s",
+            model_name,
+            plan.path.value,
+            plan.reason,
+            len(moe_layers),
+            _ranges(moe_layers),
+            f"{plan.slots.start}..{plan.slots.stop - 1}",
+            plan.slots.stop,
+            weight,
+        )
+    else:
+        logger.info_once("vllm-fse: %s FSE off (%s)", model_name, plan.reason)
+
+
+def _ranges(indices: list[int]) -> str:
+    if not indices:
+        return "[]"
+    if indices == list(range(indices[0], indices[-1] + 1)):
+        return f"[{indices[0]}..{indices[-1]}]"
+    return str(indices)
