@@ -20,7 +20,19 @@ ENGINE_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "1",
     "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
     "VLLM_LOGGING_LEVEL": "INFO",
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
 }
+
+# Fixed texts scored teacher-forced (prompt logprobs): every position is compared, whatever
+# the model would have generated.
+SCORE_TEXTS = [
+    "The river runs past the old mill, under the stone bridge and into the sea. In the morning "
+    "the market opens, people buy bread, fish, apples and coffee, and talk about the weather.",
+    "Once upon a time there was a small model that wanted to speak. It learned words, then "
+    "sentences, then whole stories about mountains, rivers, cities, machines and music.",
+    "A mixture of experts model sends every token to a few experts chosen by a router, and to a "
+    "shared expert that sees every token. What is two plus two? It is four.",
+]
 
 DEFAULT_PROMPTS = [
     "The quick brown fox",
@@ -67,9 +79,8 @@ def tiny_model(tmp_path_factory):
     return make
 
 
-def run_engine(
+def engine_run(
     model: Path,
-    tmp_path: Path,
     *,
     env: dict[str, str] | None = None,
     prompts: list[str] = DEFAULT_PROMPTS,
@@ -77,11 +88,19 @@ def run_engine(
     logprobs: int = 5,
     probes: tuple[str, ...] = (),
     dtype: str = "float32",
-    timeout_s: float = 600,
+    metrics: bool = False,
+    score_texts: list[str] | None = None,
     **llm_kwargs,
 ) -> dict:
-    """Run ``vllm.LLM`` on ``model`` in a fresh process; greedy outputs and probe results."""
-    request = {
+    """One engine run's description for :func:`run_engines`: greedy, ``ignore_eos``."""
+    env = dict(env or {})
+    if llm_kwargs.get("tensor_parallel_size", 1) > 1:
+        # One core per tensor-parallel worker on the 2-core machine.
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    else:
+        llm_kwargs.setdefault("distributed_executor_backend", "uni")  # no worker process
+    return {
+        "env": env,
         "llm": {
             "model": str(model),
             "dtype": dtype,
@@ -98,16 +117,28 @@ def run_engine(
         },
         "prompts": prompts,
         "probes": list(probes),
+        "metrics": metrics,
+        "score_texts": score_texts or [],
     }
-    tag = f"engine-{len(list(tmp_path.glob('engine-*.request.json')))}"
+
+
+def run_engines(runs: list[dict], tmp_path: Path, timeout_s: float = 1500) -> list[dict]:
+    """Run the engines one after another in one fresh process; their results, in order.
+
+    A run that raised has ``error`` (type and message) instead of outputs; the whole log is
+    in each result's ``log``.
+    """
+    import torch
+
+    tag = f"engines-{len(list(tmp_path.glob('engines-*.request.json')))}"
     request_path = tmp_path / f"{tag}.request.json"
-    result_path = tmp_path / f"{tag}.result.json"
+    result_path = tmp_path / f"{tag}.result.pt"
     log_path = tmp_path / f"{tag}.log"
-    request_path.write_text(json.dumps(request))
+    request_path.write_text(json.dumps({"runs": runs}))
     with open(log_path, "w") as log:
         proc = subprocess.run(
             [sys.executable, str(TESTS_DIR / "engine_child.py"), str(request_path), str(result_path)],
-            env={**os.environ, **ENGINE_ENV, **(env or {})},
+            env={**os.environ, **ENGINE_ENV},
             stdout=log,
             stderr=subprocess.STDOUT,
             timeout=timeout_s,
@@ -115,9 +146,17 @@ def run_engine(
     log_text = log_path.read_text(errors="replace")
     if proc.returncode != 0:
         tail = "\n".join(log_text.splitlines()[-60:])
-        raise AssertionError(f"engine exited with {proc.returncode}; log {log_path}:\n{tail}")
-    result = json.loads(result_path.read_text())
-    result["log"] = log_text
+        raise AssertionError(f"engine process exited with {proc.returncode}; log {log_path}:\n{tail}")
+    results = torch.load(result_path, weights_only=False)
+    for result in results:
+        result["log"] = log_text
+    return results
+
+
+def run_engine(model: Path, tmp_path: Path, **kwargs) -> dict:
+    """A single engine run (see :func:`engine_run`); raises if it failed."""
+    (result,) = run_engines([engine_run(model, **kwargs)], tmp_path)
+    assert "error" not in result, result.get("traceback")
     return result
 
 

@@ -1,40 +1,86 @@
-"""Runs one vLLM engine (``vllm.LLM``) in a fresh process and writes its results as JSON.
+"""Runs vLLM engines (``vllm.LLM``) one after another in a fresh process; saves their results.
 
-Each engine gets its own process so that environment toggles (``VLLM_PLUGINS``, ``VLLM_FSE``)
-take effect everywhere, as they do for a user who starts vLLM with them set.
-Usage: python tests/engine_child.py REQUEST.json RESULT.json
+The engine core runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so that a run costs
+seconds, not a process start; workers are spawned per run only for tensor parallelism. Each
+run's ``env`` (e.g. ``VLLM_FSE``) is set before its engine is built, so it reaches the model
+construction exactly as it would for a user who starts vLLM with it.
+Usage: python tests/engine_child.py REQUEST.json RESULT.pt
 """
 
+import gc
 import json
+import os
 import sys
+import traceback
 
 
-def main(request_path: str, result_path: str) -> None:
+def run_one(run: dict) -> dict:
     from vllm import LLM, SamplingParams
 
     from vllm_fse import introspect
 
-    request = json.loads(open(request_path).read())
-    llm = LLM(**request["llm"])
-    result = {}
-    for probe in request.get("probes", []):
-        result[probe] = llm.apply_model(getattr(introspect, probe))
-    params = SamplingParams(**request["sampling"])
-    outputs = llm.generate(request["prompts"], params, use_tqdm=False)
-    result["outputs"] = [
-        {
-            "token_ids": list(o.outputs[0].token_ids),
-            "text": o.outputs[0].text,
-            # Per position: {token_id: logprob} of the top-k (plus the sampled token).
-            "logprobs": [
-                {str(tok): lp.logprob for tok, lp in step.items()}
-                for step in (o.outputs[0].logprobs or [])
-            ],
-        }
-        for o in outputs
-    ]
-    with open(result_path, "w") as f:
-        json.dump(result, f)
+    llm = LLM(**run["llm"])
+    try:
+        result = {probe: llm.apply_model(getattr(introspect, probe)) for probe in run.get("probes", [])}
+        outputs = llm.generate(run["prompts"], SamplingParams(**run["sampling"]), use_tqdm=False)
+        result["outputs"] = [
+            {
+                "token_ids": list(o.outputs[0].token_ids),
+                "text": o.outputs[0].text,
+                # Per position: {token_id: logprob} of the top-k (plus the chosen token).
+                "logprobs": [
+                    {tok: lp.logprob for tok, lp in step.items()}
+                    for step in (o.outputs[0].logprobs or [])
+                ],
+            }
+            for o in outputs
+        ]
+        if run.get("score_texts"):
+            # Teacher-forced: logprobs of fixed texts, so one deviation cannot cascade.
+            scored = llm.generate(
+                run["score_texts"],
+                SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=run["sampling"]["logprobs"]),
+                use_tqdm=False,
+            )
+            result["scores"] = [
+                {
+                    "token_ids": list(o.prompt_token_ids),
+                    "logprobs": [
+                        {tok: lp.logprob for tok, lp in step.items()} if step else {}
+                        for step in o.prompt_logprobs
+                    ],
+                }
+                for o in scored
+            ]
+        if run.get("metrics"):
+            result["metrics"] = {
+                m.name: getattr(m, "value", getattr(m, "values", None)) for m in llm.get_metrics()
+            }
+        return result
+    finally:
+        del llm
+        gc.collect()
+
+
+def main(request_path: str, result_path: str) -> None:
+    import torch
+
+    runs = json.loads(open(request_path).read())["runs"]
+    results = []
+    for run in runs:
+        saved = {k: os.environ.get(k) for k in run.get("env", {})}
+        os.environ.update(run.get("env", {}))
+        try:
+            results.append(run_one(run))
+        except Exception as e:  # report which run failed, keep its message for the test
+            results.append({"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    torch.save(results, result_path)
 
 
 if __name__ == "__main__":

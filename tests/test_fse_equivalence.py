@@ -1,0 +1,128 @@
+"""FSE on vs off on the real vLLM CPU engine: same greedy tokens and top-5 logprobs, and FSE
+really on in the live model (no shared-expert MLP, widened FusedMoE, slots = checkpoint chunks).
+
+Matrix: n_shared_experts {1, 2} x routed_scaling_factor {1.0, 2.5} x norm_topk_prob {true, false}
+x dtype {bfloat16, float32} x tensor parallel {1, 2}. Each TP size runs as one batch of engines
+in one process (see tests/engine_child.py).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from conftest import SCORE_TEXTS, engine_run, run_engines
+from equivalence import compare_outputs, compare_scores
+from safetensors import safe_open
+
+from vllm_fse.tiny_model import PRESETS
+
+pytestmark = pytest.mark.e2e
+
+CHECKPOINTS = [
+    {"n_shared_experts": n, "routed_scaling_factor": rsf, "norm_topk_prob": norm}
+    for n, rsf, norm in itertools.product((1, 2), (1.0, 2.5), (True, False))
+]
+DTYPES = ("bfloat16", "float32")
+TINY = PRESETS["tiny"]
+CASES = list(itertools.product(range(len(CHECKPOINTS)), DTYPES))
+
+
+def _case_id(case) -> str:
+    ckpt, dtype = case
+    c = CHECKPOINTS[ckpt]
+    return f"shared{c['n_shared_experts']}-rsf{c['routed_scaling_factor']}-norm{int(c['norm_topk_prob'])}-{dtype}"
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["tp1", "tp2"])
+def matrix(request, tiny_model, tmp_path_factory):
+    """{(checkpoint, dtype, fse): result} for one tensor-parallel size."""
+    tp = request.param
+    runs, keys = [], []
+    for (ckpt, dtype), fse in itertools.product(CASES, ("0", "1")):
+        model = tiny_model("tiny", **CHECKPOINTS[ckpt])
+        probes = ("describe_model",) + (("shared_slot_weights",) if fse == "1" and tp == 1 else ())
+        runs.append(
+            engine_run(
+                model,
+                env={"VLLM_FSE": fse},
+                dtype=dtype,
+                probes=probes,
+                score_texts=SCORE_TEXTS,
+                tensor_parallel_size=tp,
+            )
+        )
+        keys.append((ckpt, dtype, fse))
+    results = run_engines(runs, tmp_path_factory.mktemp(f"fse-matrix-tp{tp}"))
+    for key, result in zip(keys, results):
+        assert "error" not in result, f"{key}: {result['traceback']}"
+    return tp, dict(zip(keys, results))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
+def test_fse_on_matches_fse_off(matrix, case):
+    tp, results = matrix
+    ckpt, dtype = case
+    off, on = results[(ckpt, dtype, "0")], results[(ckpt, dtype, "1")]
+    compare_outputs(off["outputs"], on["outputs"], dtype)
+    compare_scores(off["scores"], on["scores"], dtype)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
+def test_fse_is_really_on_in_the_live_model(matrix, case):
+    tp, results = matrix
+    ckpt, dtype = case
+    spec = CHECKPOINTS[ckpt]
+    n_routed, top_k = TINY.n_routed_experts, TINY.num_experts_per_tok
+    n_shared = spec["n_shared_experts"]
+    expected_weight = 1.0 / spec["routed_scaling_factor"]
+    on = results[(ckpt, dtype, "1")]["describe_model"]
+    off = results[(ckpt, dtype, "0")]["describe_model"]
+    assert len(on) == len(off) == tp  # one description per tensor-parallel rank
+    for rank in on:
+        assert rank["fse_path"] == "BACKEND_NEUTRAL"
+        assert [layer["name"] for layer in rank["moe_layers"]] == [
+            f"model.layers.{i}.mlp" for i in range(TINY.first_k_dense_replace, TINY.num_hidden_layers)
+        ]
+        for layer in rank["moe_layers"]:
+            assert layer["has_shared_experts_mlp"] is False
+            assert layer["router"] == "SharedSlotRouter"
+            assert layer["w13_shape"][0] == layer["w2_shape"][0] == n_routed + n_shared
+            assert layer["top_k"] == top_k + n_shared
+            assert layer["shared_slot_weight"] == pytest.approx(expected_weight)
+    for rank in off:
+        assert rank["fse_path"] == "OFF"
+        for layer in rank["moe_layers"]:
+            assert layer["has_shared_experts_mlp"] is True
+            assert layer["w13_shape"][0] == n_routed
+            assert layer["top_k"] == top_k
+
+
+def _same_values(stored: torch.Tensor, checkpoint: torch.Tensor) -> bool:
+    return stored.shape == checkpoint.shape and torch.equal(
+        stored.flatten().sort().values, checkpoint.float().flatten().sort().values
+    )
+
+
+def test_slots_hold_the_checkpoint_shared_expert_chunks(matrix, tiny_model):
+    tp, results = matrix
+    if tp != 1:
+        pytest.skip("slot contents are compared unsharded, at tensor parallel 1")
+    for ckpt, spec in enumerate(CHECKPOINTS):
+        model_dir = tiny_model("tiny", **spec)
+        (slots,) = results[(ckpt, "float32", "1")]["shared_slot_weights"]
+        n, inter = spec["n_shared_experts"], TINY.moe_intermediate_size
+        with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
+            for layer in range(TINY.first_k_dense_replace, TINY.num_hidden_layers):
+                p = f"model.layers.{layer}.mlp.shared_experts"
+                gate, up, down = (f.get_tensor(f"{p}.{w}_proj.weight") for w in ("gate", "up", "down"))
+                got = slots[f"model.layers.{layer}.mlp"]
+                assert got["w13"].shape[0] == n
+                for j in range(n):
+                    rows = slice(j * inter, (j + 1) * inter)
+                    # The CPU MoE kernel repacks each expert's matrix in place (same shape,
+                    # blocked order), so compare each slot's values as a multiset.
+                    expected_w13 = torch.cat([gate[rows], up[rows]])
+                    assert _same_values(got["w13"][j], expected_w13), (layer, j, "w13")
+                    assert _same_values(got["w2"][j], down[:, rows]), (layer, j, "w2")
