@@ -67,6 +67,12 @@ def _env_fse() -> bool | None:
     return value == "1"
 
 
+def _on_rocm() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_rocm()
+
+
 def _aiter_moe_active() -> bool:
     from vllm._aiter_ops import rocm_aiter_ops
 
@@ -93,7 +99,7 @@ def _refusal(vllm_config, aiter: bool) -> str | None:
             f"online quantization ({vllm_config.model_config.quantization}) of an unquantized "
             "checkpoint is not supported"
         )
-    if aiter:
+    if aiter and vllm_config.quant_config is not None:
         from vllm.model_executor.layers.quantization.utils.config_utils import (
             is_shared_expert_quant_fse_compatible,
         )
@@ -108,8 +114,6 @@ def _refusal(vllm_config, aiter: bool) -> str | None:
 
 def plan_fse(vllm_config) -> FsePlan:
     """Decide FSE for the model described by ``vllm_config`` (main model or MTP draft)."""
-    from vllm.platforms import current_platform
-
     config = vllm_config.model_config.hf_config
     n_routed = int(config.n_routed_experts)
     n_shared = int(getattr(config, "n_shared_experts", 0) or 0)
@@ -120,7 +124,7 @@ def plan_fse(vllm_config) -> FsePlan:
     if n_shared == 0:
         return FsePlan(FsePath.OFF, "the model has no shared experts")
 
-    on_rocm = current_platform.is_rocm()
+    on_rocm = _on_rocm()
     aiter_moe = on_rocm and _aiter_moe_active()
     aiter_fse = aiter_moe and _aiter_fse_active()
     if not (forced or aiter_fse):

@@ -1,8 +1,9 @@
-"""``vllm-fse demo``: serve the embedded tiny GLM-4 MoE model in two arms and compare them.
+"""``vllm-fse demo``: serve the embedded tiny GLM-4 MoE model with FSE off and on, side by side.
 
 Each arm is one OpenAI server (``python -m vllm.entrypoints.openai.api_server``) started with
-its own environment; the same greedy completions go to both, streamed so that every output
-token is timed. The demo prints the texts side by side with TTFT and per-token latency.
+its own ``VLLM_FSE``; the same greedy completions go to both, streamed so that every output
+token is timed. The demo prints what each server says about FSE, the texts side by side with
+TTFT and per-token latency, and whether the texts are identical.
 """
 
 from __future__ import annotations
@@ -31,10 +32,9 @@ class Arm:
     env: dict[str, str]
 
 
-# Plugin vs upstream vLLM: VLLM_PLUGINS="" is vLLM's own switch that loads no plugin.
 DEMO_ARMS = [
-    Arm("upstream vLLM", {"VLLM_PLUGINS": ""}),
-    Arm("vllm-fse plugin", {"VLLM_PLUGINS": "fse"}),
+    Arm("FSE off", {"VLLM_FSE": "0"}),
+    Arm("FSE on", {"VLLM_FSE": "1"}),
 ]
 
 
@@ -87,7 +87,7 @@ def _run_arm(arm: Arm, model: Path, args: argparse.Namespace, log_dir: Path) -> 
         params = {"max_tokens": args.max_tokens, "temperature": 0.0, "ignore_eos": True}
         server.complete(DEMO_PROMPTS[0], **params)  # warm-up: the first step is slow
         completions = [server.stream_complete(p, **params) for p in DEMO_PROMPTS]
-        plugin_lines = server.log_lines("vllm-fse: ")
+        plugin_lines = server.log_lines("FseGlm4MoeForCausalLM FSE")
     return {"completions": completions, "plugin_lines": plugin_lines, "startup_s": server.startup_s}
 
 
@@ -103,7 +103,7 @@ def run_demo(args: argparse.Namespace) -> int:
     print("\n" + "=" * 78)
     for arm in DEMO_ARMS:
         lines = results[arm.label]["plugin_lines"]
-        said = lines[-1].split("] ", 1)[-1] if lines else "no vllm-fse log line (plugin not loaded)"
+        said = lines[-1].split("vllm-fse: ", 1)[-1] if lines else "no vllm-fse log line (plugin not loaded?)"
         print(f"{arm.label:<{width}} | {said}")
     same = 0
     for i, prompt in enumerate(DEMO_PROMPTS):

@@ -1,0 +1,163 @@
+"""vllm_fse.decision: toggles, precedence, paths and every fallback reason.
+
+The platform and AITER state are what cannot exist on this machine, so they are patched; the
+configuration objects are plain namespaces with the fields plan_fse reads.
+"""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import pytest
+
+from vllm_fse import decision
+from vllm_fse.decision import FsePath, plan_fse
+from vllm_fse.loading import FormatKind
+
+pytestmark = pytest.mark.unit
+
+
+def _config(n_shared=1, quantization_config=None, eplb=False, lora=False, quant_config=None, quantization=None):
+    hf = SimpleNamespace(n_routed_experts=160, n_shared_experts=n_shared)
+    if quantization_config is not None:
+        hf.quantization_config = quantization_config
+    return SimpleNamespace(
+        model_config=SimpleNamespace(hf_config=hf, quantization=quantization),
+        parallel_config=SimpleNamespace(enable_eplb=eplb),
+        lora_config=object() if lora else None,
+        quant_config=quant_config,
+    )
+
+
+@pytest.fixture
+def platform(monkeypatch):
+    """Set the platform: ``platform(rocm=..., aiter_moe=..., aiter_fse=...)``."""
+    monkeypatch.delenv("VLLM_FSE", raising=False)
+    monkeypatch.delenv("VLLM_ROCM_USE_AITER_FUSION_SHARED_EXPERTS", raising=False)
+
+    def set_platform(rocm=False, aiter_moe=False, aiter_fse=False):
+        monkeypatch.setattr(decision, "_on_rocm", lambda: rocm)
+        monkeypatch.setattr(decision, "_aiter_moe_active", lambda: aiter_moe)
+        monkeypatch.setattr(decision, "_aiter_fse_active", lambda: aiter_fse)
+        if aiter_fse:
+            monkeypatch.setenv("VLLM_ROCM_USE_AITER_FUSION_SHARED_EXPERTS", "1")
+
+    set_platform()
+    return set_platform
+
+
+@pytest.fixture
+def warnings(caplog):
+    """Messages of the warnings vllm-fse logs (warning_once is per message: clear its cache)."""
+    from vllm import logger as vllm_logger
+
+    for fn in ("_print_warning_once", "_print_info_once"):
+        cache_clear = getattr(getattr(vllm_logger, fn, None), "cache_clear", None)
+        if cache_clear:
+            cache_clear()
+    logging.getLogger("vllm.fse").propagate = True
+    caplog.set_level(logging.WARNING, logger="vllm.fse")
+    yield lambda: [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    logging.getLogger("vllm.fse").propagate = False
+
+
+def test_off_by_default(platform, warnings):
+    plan = plan_fse(_config())
+    assert plan.path is FsePath.OFF and "not requested" in plan.reason
+    assert warnings() == []
+
+
+def test_vllm_fse_1_turns_on_the_backend_neutral_path_with_slots_after_the_routed_experts(platform, monkeypatch):
+    monkeypatch.setenv("VLLM_FSE", "1")
+    plan = plan_fse(_config(n_shared=2))
+    assert plan.path is FsePath.BACKEND_NEUTRAL
+    assert list(plan.slots) == [160, 161]
+    assert plan.format.kind is FormatKind.UNQUANTIZED
+
+
+def test_vllm_fse_0_wins_over_the_upstream_rocm_toggle(platform, monkeypatch):
+    platform(rocm=True, aiter_moe=True, aiter_fse=True)
+    monkeypatch.setenv("VLLM_FSE", "0")
+    assert plan_fse(_config()).path is FsePath.OFF
+
+
+def test_upstream_toggle_with_aiter_moe_takes_the_aiter_path(platform):
+    platform(rocm=True, aiter_moe=True, aiter_fse=True)
+    plan = plan_fse(_config())
+    assert plan.path is FsePath.AITER and "VLLM_ROCM_USE_AITER_FUSION_SHARED_EXPERTS=1" in plan.reason
+
+
+def test_rocm_without_aiter_moe_takes_the_backend_neutral_path(platform, monkeypatch):
+    platform(rocm=True)
+    monkeypatch.setenv("VLLM_FSE", "1")
+    assert plan_fse(_config()).path is FsePath.BACKEND_NEUTRAL
+
+
+def test_vllm_fse_1_under_aiter_moe_without_the_aiter_toggle_falls_back_naming_it(platform, monkeypatch, warnings):
+    platform(rocm=True, aiter_moe=True)
+    monkeypatch.setenv("VLLM_FSE", "1")
+    plan = plan_fse(_config())
+    assert plan.path is FsePath.OFF
+    (warning,) = warnings()
+    assert "set VLLM_ROCM_USE_AITER_FUSION_SHARED_EXPERTS=1" in warning
+
+
+def test_upstream_toggle_without_aiter_moe_falls_back_with_a_warning(platform, monkeypatch, warnings):
+    platform(rocm=True)
+    monkeypatch.setenv("VLLM_ROCM_USE_AITER_FUSION_SHARED_EXPERTS", "1")
+    assert plan_fse(_config()).path is FsePath.OFF
+    (warning,) = warnings()
+    assert "needs AITER MoE" in warning
+
+
+def test_upstream_toggle_means_nothing_off_rocm(platform, monkeypatch, warnings):
+    monkeypatch.setenv("VLLM_ROCM_USE_AITER_FUSION_SHARED_EXPERTS", "1")
+    assert plan_fse(_config()).path is FsePath.OFF
+    assert warnings() == []
+
+
+@pytest.mark.parametrize("n_shared", [0, None])
+def test_model_without_shared_experts_stays_off(platform, monkeypatch, n_shared):
+    monkeypatch.setenv("VLLM_FSE", "1")
+    plan = plan_fse(_config(n_shared=n_shared))
+    assert plan.path is FsePath.OFF and "no shared experts" in plan.reason
+
+
+@pytest.mark.parametrize(
+    ("config", "reason"),
+    [
+        (_config(eplb=True), "EPLB is enabled"),
+        (_config(lora=True), "LoRA is enabled"),
+        (_config(quant_config=object(), quantization="fp8"), "online quantization (fp8)"),
+        (_config(quantization_config={"quant_method": "awq"}, quant_config=object()), "quantization method 'awq'"),
+        (
+            _config(
+                quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128], "ignored_layers": ["model.layers.3.mlp.shared_experts"]},
+                quant_config=object(),
+            ),
+            "keeps the shared experts unquantized",
+        ),
+    ],
+)
+def test_each_refusal_falls_back_with_one_warning_naming_it(platform, monkeypatch, warnings, config, reason):
+    monkeypatch.setenv("VLLM_FSE", "1")
+    plan = plan_fse(config)
+    assert plan.path is FsePath.OFF and reason in plan.reason
+    (warning,) = warnings()
+    assert reason in warning and "running the shared experts unfused" in warning
+
+
+def test_fp8_block_checkpoint_is_fused_with_its_block_size(platform, monkeypatch):
+    monkeypatch.setenv("VLLM_FSE", "1")
+    plan = plan_fse(
+        _config(quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]}, quant_config=object())
+    )
+    assert plan.path is FsePath.BACKEND_NEUTRAL
+    assert plan.format.kind is FormatKind.FP8_BLOCK and plan.format.block_size == (128, 128)
+
+
+def test_malformed_toggle_is_an_error(platform, monkeypatch):
+    monkeypatch.setenv("VLLM_FSE", "yes")
+    with pytest.raises(ValueError, match="VLLM_FSE must be 0 or 1"):
+        plan_fse(_config())
