@@ -87,6 +87,7 @@ def engine_run(
     max_tokens: int = 16,
     logprobs: int = 5,
     probes: tuple[str, ...] = (),
+    worker_probes: tuple[str, ...] = (),
     dtype: str = "float32",
     metrics: bool = False,
     score_texts: list[str] | None = None,
@@ -117,6 +118,7 @@ def engine_run(
         },
         "prompts": prompts,
         "probes": list(probes),
+        "worker_probes": list(worker_probes),
         "metrics": metrics,
         "score_texts": score_texts or [],
     }

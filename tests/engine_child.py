@@ -22,6 +22,8 @@ def run_one(run: dict) -> dict:
     llm = LLM(**run["llm"])
     try:
         result = {probe: llm.apply_model(getattr(introspect, probe)) for probe in run.get("probes", [])}
+        for probe in run.get("worker_probes", []):  # e.g. the drafter, which apply_model cannot reach
+            result[probe] = llm.collective_rpc(getattr(introspect, probe))
         outputs = llm.generate(run["prompts"], SamplingParams(**run["sampling"]), use_tqdm=False)
         result["outputs"] = [
             {

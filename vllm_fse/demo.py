@@ -99,7 +99,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     results = {arm.label: _run_arm(arm, model, args, log_dir) for arm in DEMO_ARMS}
 
-    width = max(len(arm.label) for arm in DEMO_ARMS)
+    width = max(len("same text"), *(len(arm.label) for arm in DEMO_ARMS))
     print("\n" + "=" * 78)
     for arm in DEMO_ARMS:
         lines = results[arm.label]["plugin_lines"]

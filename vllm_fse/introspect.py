@@ -64,3 +64,19 @@ def shared_slot_weights(model) -> dict[str, dict[str, torch.Tensor]]:
             "w2": routed.w2_weight[n_routed:].detach().float().cpu().clone(),
         }
     return out
+
+
+def _drafter_model(worker):
+    """The speculative-decoding draft model of a worker (``LLM.collective_rpc`` target)."""
+    worker = getattr(worker, "worker", worker)  # a WorkerWrapper holds the worker
+    return worker.model_runner.drafter.model
+
+
+def describe_drafter(worker) -> dict[str, Any]:
+    """:func:`describe_model` of the worker's draft model (pass to ``LLM.collective_rpc``)."""
+    return describe_model(_drafter_model(worker))
+
+
+def drafter_slot_weights(worker) -> dict[str, dict[str, torch.Tensor]]:
+    """:func:`shared_slot_weights` of the worker's draft model (pass to ``LLM.collective_rpc``)."""
+    return shared_slot_weights(_drafter_model(worker))

@@ -94,6 +94,8 @@ class TinyGlmSpec:
             raise ValueError("n_shared_experts must be >= 0")
 
 
+LM_HEAD_EMBEDDING_SHARE = 0.4
+
 # Presets: "tiny" for tests and the demo; "bench" is GLM-shaped but sized for a 2-core CPU.
 PRESETS: dict[str, TinyGlmSpec] = {
     "tiny": TinyGlmSpec(),
@@ -216,20 +218,45 @@ def build_state_dict(spec: TinyGlmSpec) -> dict[str, torch.Tensor]:
     for layer in range(spec.num_hidden_layers):
         tensors.update(_decoder_layer(init, spec, layer))
     tensors["model.norm.weight"] = init.norm(h)
-    # Gain 4: logits with a std of about 4 are peaked without being one-hot.
-    tensors["lm_head.weight"] = init.linear(v, h, gain=4.0)
+    # Logits with a std of about 4: peaked without being one-hot. Part of the output embedding
+    # points along the input embedding, which lets the MTP layer below draft by copying its
+    # input token; the rest is random, so that the target itself does not just repeat tokens.
+    along_embedding = tensors["model.embed_tokens.weight"].float() / math.sqrt(h)
+    random_part = init.linear(v, h).float()
+    tensors["lm_head.weight"] = (
+        4.0 * (LM_HEAD_EMBEDDING_SHARE * along_embedding + (1 - LM_HEAD_EMBEDDING_SHARE**2) ** 0.5 * random_part)
+    ).to(init.dtype)
     for mtp in range(spec.mtp_layers):
-        layer = spec.num_hidden_layers + mtp
-        if layer < spec.first_k_dense_replace:
-            raise ValueError("the MTP layer must be a MoE layer")
-        p = f"model.layers.{layer}"
-        tensors.update(_decoder_layer(init, spec, layer))
-        tensors[f"{p}.enorm.weight"] = init.norm(h)
-        tensors[f"{p}.hnorm.weight"] = init.norm(h)
-        tensors[f"{p}.eh_proj.weight"] = init.linear(h, 2 * h)
-        tensors[f"{p}.shared_head.norm.weight"] = init.norm(h)
-        tensors[f"{p}.shared_head.head.weight"] = tensors["lm_head.weight"].clone()
+        tensors.update(_mtp_layer(init, spec, spec.num_hidden_layers + mtp, tensors))
     return tensors
+
+
+def _mtp_layer(init: _Init, spec: TinyGlmSpec, layer: int, tensors: dict) -> dict[str, torch.Tensor]:
+    """An MTP layer that drafts tokens the target often accepts.
+
+    A random MTP layer never guesses the target's next-next token, so every acceptance rate
+    would be 0. This one leans towards copying its input token: ``eh_proj`` passes the token
+    embedding through (plus a little of the target's hidden state), the decoder block adds a
+    damped but real contribution (its MoE and shared experts included), and the head (the
+    target's ``lm_head``, as in GLM) points along the embeddings. Random greedy text repeats
+    itself often enough for copies to be accepted.
+    """
+    if layer < spec.first_k_dense_replace:
+        raise ValueError("the MTP layer must be a MoE layer")
+    h, p = spec.hidden_size, f"model.layers.{layer}"
+    block = _decoder_layer(init, spec, layer)
+    for name in block:
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            block[name] = (block[name].float() * 0.3).to(init.dtype)
+    eh_proj = torch.cat([torch.eye(h), init.linear(h, h, gain=0.1).float()], dim=1)
+    return {
+        **block,
+        f"{p}.enorm.weight": init.norm(h),
+        f"{p}.hnorm.weight": init.norm(h),
+        f"{p}.eh_proj.weight": eh_proj.to(init.dtype),
+        f"{p}.shared_head.norm.weight": init.norm(h),
+        f"{p}.shared_head.head.weight": tensors["lm_head.weight"].clone(),
+    }
 
 
 def hf_config(spec: TinyGlmSpec, eos_token_id: int) -> dict:

@@ -257,6 +257,33 @@ def load_with_fused_shared_experts(
     return loaded
 
 
+# The target model's plan in this process, for the draft model to compare against.
+_target_plan: FsePlan | None = None
+
+
+def record_target_plan(plan: FsePlan) -> None:
+    global _target_plan
+    _target_plan = plan
+
+
+def check_draft_agrees_with_target(plan: FsePlan) -> None:
+    """Say so when the MTP draft and its target run their shared experts differently.
+
+    Both decisions come from the same inputs, so they normally agree. If they do not, each
+    model is still correct on its own (its slots come from its own layers' tensors and are
+    verified); the draft then just runs unfused, or fused, alone.
+    """
+    if _target_plan is not None and _target_plan.path is not plan.path:
+        logger.warning_once(
+            "vllm-fse: the MTP draft runs its shared experts %s (%s) while the target model runs "
+            "them %s (%s); both are verified and correct, only the speed differs",
+            plan.path.value,
+            plan.reason,
+            _target_plan.path.value,
+            _target_plan.reason,
+        )
+
+
 def log_plan(model_name: str, plan: FsePlan, moe_blocks: dict[int, torch.nn.Module]) -> None:
     """One INFO line per model: on/off, path, MoE layers, slot indices, shared-slot weight."""
     moe_layers = sorted(moe_blocks)

@@ -16,6 +16,7 @@ from vllm_fse.models.fused_shared_experts import (
     glm4_moe_construction,
     load_with_fused_shared_experts,
     log_plan,
+    record_target_plan,
 )
 
 
@@ -25,7 +26,8 @@ class FseGlm4MoeForCausalLM(UpstreamGlm4MoeForCausalLM):
         with glm4_moe_construction(plan):
             super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.fse_plan = plan
-        log_plan(type(self).__name__, self.fse_plan, self.fse_moe_blocks())
+        log_plan(type(self).__name__, plan, self.fse_moe_blocks())
+        record_target_plan(plan)
 
     def fse_moe_blocks(self) -> dict[int, Glm4MoE]:
         """Layer index -> MoE block, for the layers this rank holds."""
