@@ -161,3 +161,20 @@ def test_malformed_toggle_is_an_error(platform, monkeypatch):
     monkeypatch.setenv("VLLM_FSE", "yes")
     with pytest.raises(ValueError, match="VLLM_FSE must be 0 or 1"):
         plan_fse(_config())
+
+
+@pytest.mark.parametrize("ep_size", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("n_shared", [1, 2])
+def test_expert_parallel_places_each_shared_slot_on_exactly_one_rank(ep_size, n_shared):
+    """The backend-neutral layer has n_routed + n_shared experts; vLLM's placement must give
+    every shared slot one owner, so each token's shared expert is computed exactly once."""
+    from vllm.model_executor.layers.fused_moe.expert_map_manager import determine_expert_map
+
+    n_routed = 160
+    slots = range(n_routed, n_routed + n_shared)
+    owners = {slot: 0 for slot in slots}
+    for rank in range(ep_size):
+        _, expert_map, _ = determine_expert_map(ep_size, rank, n_routed + n_shared)
+        for slot in slots:
+            owners[slot] += 1 if expert_map is None else int(expert_map[slot] >= 0)
+    assert set(owners.values()) == {1}
