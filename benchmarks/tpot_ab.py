@@ -20,6 +20,20 @@ from pathlib import Path
 ARMS = {"off": {"VLLM_FSE": "0"}, "on": {"VLLM_FSE": "1"}}
 
 
+def spec_decode_counters(base_url: str) -> dict[str, float]:
+    """Speculative-decoding counters from the server's Prometheus /metrics (empty without MTP)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"{base_url}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    counters: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("vllm:spec_decode_num_") and "_total" in line and "per_pos" not in line:
+            name, value = line.rsplit(" ", 1)
+            counters[name.split("{")[0]] = counters.get(name.split("{")[0], 0.0) + float(value)
+    return counters
+
+
 def bench_args(base_url: str, model: str, mc: int, args, result_dir: Path, name: str) -> argparse.Namespace:
     from vllm.benchmarks.serve import add_cli_args
     from vllm.utils.argparse_utils import FlexibleArgumentParser
@@ -96,6 +110,7 @@ def main() -> None:
                         "mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms", "output_throughput", "total_token_throughput", "mean_ttft_ms")}})
                     print(f"rep {rep} mc {mc:>3} {arm:>3}: TPOT mean {result['mean_tpot_ms']:.2f} ms, "
                           f"out {result['output_throughput']:.1f} tok/s ({time.monotonic() - t0:.0f}s)", flush=True)
+        spec = {arm: spec_decode_counters(server.base_url) for arm, server in servers.items()}
     finally:
         for server in servers.values():
             server.stop()
@@ -126,7 +141,14 @@ def main() -> None:
             f"| {mc} | {tpot_off:.2f} {spread(cell['off']['tpot'])} | {tpot_on:.2f} {spread(cell['on']['tpot'])} | "
             f"{100 * (tpot_on / tpot_off - 1):+.1f}% | {out_off:.1f} | {out_on:.1f} | {100 * (out_on / out_off - 1):+.1f}% |"
         )
-    (out / "summary.json").write_text(json.dumps({"args": vars(args), "runs": runs, "summary": summary}, indent=2))
+    for arm, counters in spec.items():
+        drafts = counters.get("vllm:spec_decode_num_draft_tokens_total")
+        if drafts:
+            accepted = counters.get("vllm:spec_decode_num_accepted_tokens_total", 0.0)
+            lines.append(f"\nFSE {arm}: draft acceptance {accepted:.0f}/{drafts:.0f} = {100 * accepted / drafts:.1f}% (whole run, incl. warm-ups)")
+    (out / "summary.json").write_text(
+        json.dumps({"args": vars(args), "runs": runs, "summary": summary, "spec_decode": spec}, indent=2)
+    )
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

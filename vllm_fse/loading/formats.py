@@ -70,24 +70,19 @@ def fp8_block(block_size: tuple[int, int], scale_suffix: str = "weight_scale_inv
     )
 
 
-def fp8_per_tensor(static_activation_scale: bool) -> SharedExpertFormat:
-    tensors: tuple[tuple[str, ScaleSplit | None], ...] = (
-        ("weight", None),
-        ("weight_scale", ScaleSplit.WHOLE),
-    )
-    if static_activation_scale:
+def _weight_and_scale(kind: FormatKind, scale_split: ScaleSplit, static_activation_scale: bool) -> SharedExpertFormat:
+    tensors: tuple[tuple[str, ScaleSplit | None], ...] = (("weight", None), ("weight_scale", scale_split))
+    if static_activation_scale:  # one activation scale per projection: every slot gets it
         tensors += (("input_scale", ScaleSplit.WHOLE),)
-    return SharedExpertFormat(FormatKind.FP8_PER_TENSOR, tensors)
+    return SharedExpertFormat(kind, tensors)
+
+
+def fp8_per_tensor(static_activation_scale: bool) -> SharedExpertFormat:
+    return _weight_and_scale(FormatKind.FP8_PER_TENSOR, ScaleSplit.WHOLE, static_activation_scale)
 
 
 def per_channel(static_activation_scale: bool) -> SharedExpertFormat:
-    tensors: tuple[tuple[str, ScaleSplit | None], ...] = (
-        ("weight", None),
-        ("weight_scale", ScaleSplit.OUTPUT_CHANNELS),
-    )
-    if static_activation_scale:
-        tensors += (("input_scale", ScaleSplit.WHOLE),)
-    return SharedExpertFormat(FormatKind.PER_CHANNEL, tensors)
+    return _weight_and_scale(FormatKind.PER_CHANNEL, ScaleSplit.OUTPUT_CHANNELS, static_activation_scale)
 
 
 def _excludes_shared_experts(patterns: list[str] | None) -> str | None:

@@ -25,7 +25,7 @@ from vllm.model_executor.layers.fused_moe.router.router_factory import (
 )
 
 from vllm_fse.compat import logger
-from vllm_fse.decision import FsePath, FsePlan
+from vllm_fse.decision import FsePath, FsePlan, plan_fse
 from vllm_fse.loading import SharedExpertLayout, SlotTracker, split_shared_experts
 
 # FusedMoE shard ids -> checkpoint projection names (GLM: gate=w1, up=w3, down=w2).
@@ -315,3 +315,43 @@ def _ranges(indices: list[int]) -> str:
     if indices == list(range(indices[0], indices[-1] + 1)):
         return f"[{indices[0]}..{indices[-1]}]"
     return str(indices)
+
+
+class FusedSharedExpertsMixin:
+    """Put before an upstream GLM-4 MoE model class: builds it under :func:`plan_fse`'s plan and
+    loads its weights through the splitter with slot verification.
+
+    Subclasses say where their MoE blocks are (:meth:`fse_moe_blocks`) and may add a step after
+    construction or a filter on the checkpoint.
+    """
+
+    fse_plan: FsePlan
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        plan = plan_fse(vllm_config)
+        with glm4_moe_construction(plan):
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.fse_plan = plan
+        log_plan(type(self).__name__, plan, self.fse_moe_blocks())
+        self.fse_after_init()
+
+    def fse_moe_blocks(self) -> dict[int, torch.nn.Module]:
+        """Layer index -> MoE block, for the layers this rank holds."""
+        raise NotImplementedError
+
+    def fse_after_init(self) -> None:
+        pass
+
+    def fse_checkpoint_weights(
+        self, weights: Iterable[tuple[str, torch.Tensor]]
+    ) -> Iterable[tuple[str, torch.Tensor]]:
+        return weights
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        return load_with_fused_shared_experts(
+            self.fse_checkpoint_weights(weights),
+            super().load_weights,
+            plan=self.fse_plan,
+            hf_config=self.config,
+            moe_blocks=self.fse_moe_blocks(),
+        )
