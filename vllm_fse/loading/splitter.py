@@ -180,6 +180,7 @@ def split_shared_experts(
     for name, tensor in weights:
         if "shared_experts." not in name:
             yield name, tensor
+            del tensor  # see below
             continue
         match = _SHARED_EXPERT_NAME.match(name)
         if match is None:
@@ -215,6 +216,9 @@ def split_shared_experts(
             chunks = _scale_chunks(name, proj, suffix, split, tensor, layout)
         for j, chunk in enumerate(chunks):
             yield layout.slot_name(match["head"], j, match["rest"]), chunk
+        # Hold nothing while the next tensor is read: a checkpoint tensor is a view of its
+        # shard's memory map, which must be free to close when the reader moves to the next shard.
+        del tensor, chunks, chunk
     orphans = sorted(
         f"layer {layer} {proj} has {', '.join(sorted(suffixes))} but no weight"
         for (layer, proj), suffixes in seen.items()
