@@ -34,7 +34,7 @@ def spec_decode_counters(base_url: str) -> dict[str, float]:
     return counters
 
 
-def bench_args(base_url: str, model: str, mc: int, args, result_dir: Path, name: str) -> argparse.Namespace:
+def bench_args(base_url: str, model: str, tokenizer: Path, mc: int, args, result_dir: Path, name: str) -> argparse.Namespace:
     from vllm.benchmarks.serve import add_cli_args
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
@@ -45,6 +45,7 @@ def bench_args(base_url: str, model: str, mc: int, args, result_dir: Path, name:
             "--backend", "openai",
             "--base-url", base_url,
             "--model", model,
+            "--tokenizer", str(tokenizer),
             "--dataset-name", "random",
             "--random-input-len", str(args.input_len),
             "--random-output-len", str(args.output_len),
@@ -52,6 +53,7 @@ def bench_args(base_url: str, model: str, mc: int, args, result_dir: Path, name:
             "--num-prompts", str(args.num_prompts or max(4 * mc, 8)),
             "--max-concurrency", str(mc),
             "--ignore-eos",
+            "--temperature", "0",  # greedy: the same work, and the same drafts, in both arms
             "--seed", "0",
             "--percentile-metrics", "ttft,tpot,itl,e2el",
             "--metric-percentiles", "50,99",
@@ -105,7 +107,7 @@ def main() -> None:
                 for arm in order:
                     name = f"mc{mc}-{arm}-rep{rep}.json"
                     t0 = time.monotonic()
-                    result = bench_main(bench_args(servers[arm].base_url, "m", mc, args, out / "raw", name))
+                    result = bench_main(bench_args(servers[arm].base_url, "m", model, mc, args, out / "raw", name))
                     runs.append({"arm": arm, "mc": mc, "rep": rep, **{k: result[k] for k in (
                         "mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms", "output_throughput", "total_token_throughput", "mean_ttft_ms")}})
                     print(f"rep {rep} mc {mc:>3} {arm:>3}: TPOT mean {result['mean_tpot_ms']:.2f} ms, "
