@@ -1,4 +1,4 @@
-"""The ``vllm-fse`` command line: ``tiny-model`` and ``demo``."""
+"""The ``vllm-fse`` command line: ``tiny-model``, ``demo`` and ``bench``."""
 
 from __future__ import annotations
 
@@ -75,11 +75,35 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="serve the tiny model with and without the plugin")
     add_demo_arguments(demo)
     demo.set_defaults(func=_demo)
+
+    bench = sub.add_parser("bench", help="FSE off vs on: serving sweep, report, accuracy A/B, profile")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    for name, module, help_text in (
+        ("sweep", "sweep", "vllm bench serve over an ISL/OSL x concurrency grid, interleaved and repeated"),
+        ("report", "report", "rebuild summary.md, summary.json and deltas.png of a sweep directory"),
+        ("accuracy", "accuracy", "lm-eval on both arms: per-sample equality and accuracy delta"),
+        ("profile", "profile", "where decode time goes, per MoE layer, with FSE off and on"),
+    ):
+        bench_sub.add_parser(name, help=help_text, add_help=False).set_defaults(
+            func=_bench, bench_module=module
+        )
     return parser
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    module = importlib.import_module(f"vllm_fse.bench.{args.bench_module}")
+    return module.main(args.bench_argv)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    # `bench` subcommands own their options: everything after the subcommand goes to them.
+    args, rest = build_parser().parse_known_args(argv)
+    if args.command == "bench":
+        args.bench_argv = rest
+    elif rest:
+        build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
     return args.func(args)
 
 

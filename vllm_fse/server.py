@@ -68,6 +68,7 @@ class OpenAIServer:
         self.startup_timeout_s = startup_timeout_s
         self.process: subprocess.Popen | None = None
         self.startup_s: float | None = None
+        self._launched_at = 0.0
 
     def command(self) -> list[str]:
         return [
@@ -86,8 +87,12 @@ class OpenAIServer:
         ]
 
     def start(self) -> OpenAIServer:
+        return self.launch().wait_healthy()
+
+    def launch(self) -> OpenAIServer:
+        """Start the server process without waiting (start several, then ``wait_healthy`` each)."""
         log = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        started = time.monotonic()
+        self._launched_at = time.monotonic()
         self.process = subprocess.Popen(
             self.command(),
             env=self.env,
@@ -97,6 +102,11 @@ class OpenAIServer:
         )
         if log is not subprocess.DEVNULL:
             log.close()
+        return self
+
+    def wait_healthy(self) -> OpenAIServer:
+        assert self.process is not None, "launch() first"
+        started = self._launched_at
         while time.monotonic() - started < self.startup_timeout_s:
             if self.process.poll() is not None:
                 raise RuntimeError(

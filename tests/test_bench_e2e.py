@@ -1,0 +1,77 @@
+"""The benchmark tools end to end on the tiny model with the real vLLM server and engine: the
+sweep (one cell, both arms, then resumed), the lm-eval accuracy A/B in vLLM's default compiled
+mode, and the decode profile. These are smoke runs of the tools, not performance tests."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+CLI = [sys.executable, "-m", "vllm_fse.cli", "bench"]
+
+
+def _run(args: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
+    proc = subprocess.run(CLI + args, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def test_sweep_smoke_measures_both_arms_and_resumes(tmp_path: Path):
+    out = tmp_path / "sweep"
+    args = ["sweep", "--preset", "tiny", "--grid", "32/8", "--concurrency", "2", "--repeats", "2",
+            "--min-prompts", "4", "--prompts-per-concurrency", "2", "--server-arg=--enforce-eager", "--out", str(out)]  # fmt: skip
+    first = _run(args)
+    assert "0 already in" in first.stdout and "[4/4]" in first.stdout
+    raw = sorted(p.relative_to(out).as_posix() for p in (out / "raw").rglob("*.json"))
+    assert raw == [f"raw/isl32-osl8-mc2/{arm}-rep{r}.json" for arm in ("off", "on") for r in (0, 1)]
+    for path in (out / "raw").rglob("*.json"):
+        run = json.loads(path.read_text())
+        assert run["result"]["completed"] == 4 and run["result"]["total_output_tokens"] == 4 * 8
+    manifest = json.loads((out / "sweep.json").read_text())
+    assert manifest["servers"]["off"]["fse"] == {"FseGlm4MoeForCausalLM": "off"}
+    assert manifest["servers"]["on"]["fse"] == {"FseGlm4MoeForCausalLM": "on"}
+    md = (out / "summary.md").read_text()
+    assert "| 32 | 8 | 2 | " in md and "FSE=0 -> FSE=1" in md
+    assert (out / "deltas.png").read_bytes()[:4] == b"\x89PNG"
+
+    again = _run(args)  # everything is there: no server starts, same report
+    assert "4 already in" in again.stdout and "starting the server" not in again.stdout
+    assert (out / "summary.md").read_text() == md
+
+
+def test_accuracy_ab_agrees_per_sample_in_compiled_mode(tmp_path: Path):
+    out = tmp_path / "acc"
+    proc = _run(["accuracy", "--preset", "tiny", "--limit", "24", "--out", str(out)])
+    assert "| fse_arith_mc | acc,none | 24 |" in proc.stdout
+    data = json.loads((out / "accuracy.json").read_text())
+    assert "--enforce-eager" not in data["meta"]["server_args"]  # vLLM's default (compiled) mode
+    by_task = {c["task"]: c for c in data["comparisons"]}
+    mc, gen = by_task["fse_arith_mc"], by_task["fse_arith_gen"]
+    assert mc["ll_samples"] == 24 and mc["ll_max_abs_diff"] < 1e-3 and mc["ll_over_tolerance"] == 0
+    assert gen["generations"] == 24 and gen["generations_identical"] == 24
+    assert all(c["passed"] for c in data["comparisons"])
+    for arm in ("off", "on"):
+        lines = (out / f"samples-{arm}.jsonl").read_text().splitlines()
+        assert len(lines) == 48
+
+
+def test_profile_sees_the_shared_expert_gemms_disappear(tmp_path: Path):
+    out = tmp_path / "profile"
+    _run(["profile", "--preset", "tiny", "--batch", "2", "--input-len", "32", "--steps", "6",
+          "--profile-steps", "3", "--warmup-steps", "2", "--rounds", "1", "--eager", "--out", str(out)])  # fmt: skip
+    data = json.loads((out / "profile.json").read_text())
+    row = data["summary"]["batches"]["2"]
+    moe_layers = data["summary"]["moe_layers"]
+    assert moe_layers == 2
+    # Unfused, each MoE layer runs the shared MLP as two GEMMs; fused, they are gone.
+    assert row["off"]["gemm_calls_per_step"] - row["on"]["gemm_calls_per_step"] == 2 * moe_layers
+    assert row["on"]["category_ms_per_step"]["MoE experts kernel"] > 0
+    assert data["meta"]["live_model"]["on"]["fse_path"] == "BACKEND_NEUTRAL"
+    assert data["meta"]["live_model"]["off"]["fse_path"] == "OFF"
+    assert "## Where a decode step goes, batch 2" in (out / "profile.md").read_text()

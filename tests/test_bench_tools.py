@@ -1,0 +1,238 @@
+"""The benchmark and accuracy tools' logic on plain data: paired statistics, the interleaved
+schedule, resume, arm checks, the report and the per-sample accuracy comparison."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from vllm_fse.bench import sweep
+from vllm_fse.bench.accuracy import compare_task
+from vllm_fse.bench.arms import arm_environments, check_arm, fse_states
+from vllm_fse.bench.report import write_report
+from vllm_fse.bench.stats import paired_delta, paired_proportion_delta, t975
+from vllm_fse.bench.tasks import fse_arith
+
+pytestmark = pytest.mark.unit
+
+
+# -- statistics ------------------------------------------------------------------------------
+
+
+def test_consistent_improvement_is_significant_and_better():
+    d = paired_delta([20.0, 21.0, 19.0, 20.5, 20.0], [18.0, 18.9, 17.1, 18.45, 18.0])
+    assert d.delta_pct == pytest.approx(-10.0, abs=1e-9)
+    assert d.significant and d.verdict(lower_is_better=True) == "better"
+    assert d.verdict(lower_is_better=False) == "worse"
+    assert d.median_a == 20.0 and d.median_b == 18.0
+
+
+def test_delta_within_machine_noise_is_called_noise():
+    # +-10% run-to-run spread, no real effect: the interval must contain zero.
+    d = paired_delta([20.0, 22.0, 18.0, 21.0, 19.0], [21.0, 19.0, 20.0, 19.5, 21.5])
+    assert d.ci_low_pct < 0 < d.ci_high_pct
+    assert not d.significant and d.verdict(lower_is_better=True) == "noise"
+
+
+def test_small_real_effect_is_resolved_under_large_common_drift():
+    # The machine drifts by +-15% between repeats, but each pair shares the drift: a 3% effect
+    # is still resolved because the statistics work on paired ratios.
+    drift = [1.0, 1.15, 0.85, 1.1, 0.9, 1.05, 0.95]
+    off = [20.0 * k for k in drift]
+    on = [x * 0.97 * (1.003 if i % 2 else 0.997) for i, x in enumerate(off)]
+    d = paired_delta(off, on)
+    assert d.verdict(lower_is_better=True) == "better"
+    assert -4.0 < d.delta_pct < -2.0
+
+
+def test_single_pair_has_no_interval():
+    d = paired_delta([10.0], [9.0])
+    assert d.ci_low_pct is None and d.verdict(lower_is_better=True) == "noise"
+    assert d.ci_text() == "n=1, no CI"
+
+
+@pytest.mark.parametrize("a,b", [([1.0, 2.0], [1.0]), ([], []), ([0.0, 1.0], [1.0, 1.0])])
+def test_paired_delta_rejects_bad_samples(a, b):
+    with pytest.raises(ValueError):
+        paired_delta(a, b)
+
+
+def test_t_quantiles():
+    assert t975(4) == pytest.approx(2.776)
+    assert t975(1000) == pytest.approx(1.96)
+
+
+def test_paired_proportion_delta():
+    same = paired_proportion_delta([1, 0, 1, 0], [1, 0, 1, 0])
+    assert same.delta == 0 and same.stderr_delta == 0 and same.within_stderr
+    flipped = paired_proportion_delta([1, 0, 1, 0, 1, 1, 0, 0], [1, 0, 1, 0, 1, 1, 0, 1])
+    assert flipped.delta == pytest.approx(1 / 8)
+    assert flipped.stderr_delta > 0
+    assert flipped.acc_a == pytest.approx(0.5) and flipped.stderr_a > 0
+
+
+# -- schedule, resume, arms -----------------------------------------------------------------
+
+
+CELLS = sweep.grid([(256, 64), (1024, 128)], [1, 4, 16])
+
+
+def test_both_servers_schedule_pairs_arms_within_each_cell_and_alternates_the_leader():
+    runs = sweep.schedule(CELLS, repeats=5, servers="both")
+    assert Counter((r.rep, r.cell, r.arm) for r in runs) == Counter(
+        {(rep, c, arm): 1 for rep in range(5) for c in CELLS for arm in ("off", "on")}
+    )
+    pairs = [runs[i : i + 2] for i in range(0, len(runs), 2)]
+    assert all(a.cell == b.cell and a.rep == b.rep and {a.arm, b.arm} == {"off", "on"} for a, b in pairs)
+    leaders = Counter(a.arm for a, _ in pairs)
+    assert leaders["off"] == leaders["on"]
+    for cell in CELLS:  # every cell is led by each arm in turn
+        led = [a.arm for a, _ in pairs if a.cell == cell]
+        assert all(x != y for x, y in zip(led, led[1:]))
+
+
+def test_alternate_schedule_runs_one_server_per_block():
+    runs = sweep.schedule(CELLS, repeats=2, servers="alternate")
+    blocks = [runs[i : i + len(CELLS)] for i in range(0, len(runs), len(CELLS))]
+    assert [{r.arm for r in b} for b in blocks] == [{"off"}, {"on"}, {"on"}, {"off"}]
+    assert all([r.cell for r in b] == CELLS for b in blocks)
+
+
+def test_grid_parsing_and_prompt_counts():
+    assert sweep.parse_io("1024/128") == (1024, 128)
+    with pytest.raises(Exception, match="ISL/OSL"):
+        sweep.parse_io("1024x128")
+    assert sweep.num_prompts(sweep.Cell(256, 64, 1), 4, 8) == 8
+    assert sweep.num_prompts(sweep.Cell(256, 64, 16), 4, 8) == 64
+
+
+def _config(**overrides) -> sweep.SweepConfig:
+    base = dict(
+        model="/m", tokenizer="/m", cells=CELLS[:2], repeats=2, prompts_per_concurrency=4, min_prompts=8,
+        num_warmups=1, seed=0, server_args=["--max-model-len", "1216"],
+        arm_env=arm_environments({}, {}, {}), servers="both",
+    )  # fmt: skip
+    return sweep.SweepConfig(**{**base, **overrides})
+
+
+def test_resume_skips_finished_runs_and_refuses_a_changed_configuration(tmp_path: Path):
+    config = _config()
+    sweep.prepare_out_dir(tmp_path, config, overwrite=False)
+    sweep.write_manifest(tmp_path, config, {})
+    all_runs = list(sweep.pending_runs(config, tmp_path))
+    assert len(all_runs) == 2 * 2 * 2
+    done = all_runs[0]
+    sweep._write_json(done.path(tmp_path), {"result": {}})
+    assert done not in list(sweep.pending_runs(config, tmp_path))
+    # More repeats extend the same sweep; other changes would mix incomparable runs.
+    sweep.prepare_out_dir(tmp_path, _config(repeats=5), overwrite=False)
+    with pytest.raises(SystemExit, match="server_args"):
+        sweep.prepare_out_dir(tmp_path, _config(server_args=["--enforce-eager"]), overwrite=False)
+    sweep.prepare_out_dir(tmp_path, _config(server_args=["--enforce-eager"]), overwrite=True)
+    assert not done.path(tmp_path).exists()
+
+
+def test_arm_environments_layer_both_then_own():
+    env = arm_environments({"A": "1"}, {"B": "off"}, {"VLLM_ROCM_USE_AITER_FUSION_SHARED_EXPERTS": "1"})
+    assert env["off"] == {"VLLM_FSE": "0", "A": "1", "B": "off"}
+    assert env["on"] == {"VLLM_FSE": "1", "A": "1", "VLLM_ROCM_USE_AITER_FUSION_SHARED_EXPERTS": "1"}
+
+
+ON_LOG = (
+    "INFO [fused_shared_experts.py:296] vllm-fse: FseGlm4MoeForCausalLM FSE on (backend-neutral router "
+    "append; requested by VLLM_FSE=1): 5 MoE layers [1..5], shared slots 64..64\n"
+    "INFO [fused_shared_experts.py:296] vllm-fse: FseGlm4MoeMTP FSE on (backend-neutral router append; ...)\n"
+)
+
+
+def test_arm_check_accepts_a_server_that_runs_its_arm():
+    assert check_arm("on", ON_LOG, Path("x.log")) == {"FseGlm4MoeForCausalLM": "on", "FseGlm4MoeMTP": "on"}
+
+
+def test_arm_check_rejects_a_fallback_and_a_log_without_the_plugin():
+    fallback = ON_LOG.replace("FseGlm4MoeMTP FSE on (", "FseGlm4MoeMTP FSE off (")
+    with pytest.raises(RuntimeError, match="FseGlm4MoeMTP"):
+        check_arm("on", fallback, Path("x.log"))
+    with pytest.raises(RuntimeError, match="no vllm-fse plan line"):
+        check_arm("off", "INFO plain vLLM\n", Path("x.log"))
+    assert fse_states(ON_LOG.replace(" on (", " off (")) == {"FseGlm4MoeForCausalLM": "off", "FseGlm4MoeMTP": "off"}
+
+
+# -- report ---------------------------------------------------------------------------------
+
+
+def _fake_result(tpot: float) -> dict:
+    return {"mean_tpot_ms": tpot, "p99_tpot_ms": tpot * 1.2, "output_throughput": 1000 / tpot,
+            "total_token_throughput": 5000 / tpot}  # fmt: skip
+
+
+def test_report_writes_the_seeds_table_noise_table_and_plot(tmp_path: Path):
+    config = _config(cells=[sweep.Cell(256, 64, 1), sweep.Cell(256, 64, 4)], repeats=5)
+    sweep.prepare_out_dir(tmp_path, config, overwrite=False)
+    sweep.write_manifest(tmp_path, config, {})
+    drift = [1.0, 1.1, 0.9, 1.05, 0.95]
+    for run in sweep.schedule(config.cells, 5, "both"):
+        base = 20.0 * drift[run.rep]
+        if run.cell.concurrency == 1:  # a real 10% gain at MC 1, noise at MC 4
+            tpot = base * (0.9 if run.arm == "on" else 1.0)
+        else:
+            tpot = base * (1.0 + (0.08 if (run.rep + (run.arm == "on")) % 2 else -0.08))
+        sweep._write_json(run.path(tmp_path), {"rep": run.rep, "arm": run.arm, "cell": vars(run.cell),
+                                               "result": _fake_result(tpot)})  # fmt: skip
+    md = write_report(tmp_path).read_text()
+    assert "| ISL | OSL | MC | TPOT mean (ms) FSE=0 -> FSE=1 (Δ) | TPOT p99 (ms) FSE=0 -> FSE=1 (Δ) |" in md
+    assert "| 256 | 64 | 1 | 20.00 -> 18.00 (**-10.0%**)" in md
+    row4 = next(line for line in md.splitlines() if line.startswith("| 256 | 64 | 4 | 5 |"))
+    assert "| noise |" in row4
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [c["mean_tpot_ms"]["verdict"] for c in summary["cells"]] == ["better", "noise"]
+    png = tmp_path / "deltas.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+# -- accuracy comparison --------------------------------------------------------------------
+
+
+def _mc_sample(doc: int, lls: list[float], acc: float) -> dict:
+    return {"doc_id": doc, "filtered_resps": [[ll, False] for ll in lls], "acc": acc}
+
+
+def _results(task: str) -> dict:
+    return {"results": {task: {"acc,none": 0.5, "acc_stderr,none": 0.1, "alias": task}}}
+
+
+def test_accuracy_comparison_passes_equal_loglikelihoods():
+    samples = {arm: [_mc_sample(d, [-1.0 - d, -2.0], d % 2) for d in range(6)] for arm in ("off", "on")}
+    samples["on"][3]["filtered_resps"][0][0] += 5e-4  # within fp32 tolerance
+    c = compare_task("t", samples, {"off": _results("t"), "on": _results("t")}, atol=1e-3)
+    assert c.ll_samples == 6 and c.ll_max_abs_diff == pytest.approx(5e-4) and c.ll_over_tolerance == 0
+    assert c.metrics["acc,none"].delta == 0 and c.passed()
+
+
+def test_accuracy_comparison_flags_a_loglikelihood_mismatch():
+    samples = {arm: [_mc_sample(d, [-1.0, -2.0], 1.0) for d in range(4)] for arm in ("off", "on")}
+    samples["on"][2]["filtered_resps"][1][0] = -2.3
+    c = compare_task("t", samples, {"off": _results("t"), "on": _results("t")}, atol=1e-3)
+    assert c.ll_over_tolerance == 1 and not c.passed()
+
+
+def test_accuracy_comparison_counts_identical_generations():
+    def gen(doc: int, text: str, em: float) -> dict:
+        return {"doc_id": doc, "resps": [[text]], "filtered_resps": [text], "exact_match": em}
+
+    samples = {"off": [gen(0, "a #### 4", 1.0), gen(1, "b", 0.0)], "on": [gen(0, "a #### 4", 1.0), gen(1, "c", 0.0)]}
+    results = {"results": {"g": {"exact_match,strict-match": 0.5, "exact_match_stderr,strict-match": 0.5}}}
+    c = compare_task("g", samples, {"off": results, "on": results}, atol=1e-3)
+    assert (c.generations, c.generations_identical, c.ll_samples) == (2, 1, 0)
+
+
+def test_shipped_task_data_is_what_the_generator_makes():
+    items = fse_arith.build_items()
+    assert fse_arith.DATA.read_text() == fse_arith.render_jsonl(items)
+    assert Counter(i["split"] for i in items) == fse_arith.SPLITS
+    for item in items:
+        answer = item["answer"].rsplit("#### ", 1)[1]
+        assert item["choices"][item["label"]] == answer and len(set(item["choices"])) == 4

@@ -1,0 +1,131 @@
+"""The two arms of every A/B here: an FSE-off and an FSE-on OpenAI server on the same model.
+
+An arm is an environment on top of the same server arguments. Before an arm is measured, its
+server log must show that every model in it really runs as the arm says (the plugin logs one
+plan line per model); a silent fallback would turn the comparison into off vs off.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from vllm_fse.server import OpenAIServer
+
+ARM_NAMES = ("off", "on")
+ARM_ENV = {"off": {"VLLM_FSE": "0"}, "on": {"VLLM_FSE": "1"}}
+SERVED_MODEL_NAME = "fse-bench"
+
+_PLAN_LINE = re.compile(r"vllm-fse: (\w+) FSE (on|off) \(")
+
+
+def arm_order(index: int) -> tuple[str, ...]:
+    """Alternate which arm goes first so that neither always runs on the warmer machine."""
+    return ARM_NAMES if index % 2 == 0 else ARM_NAMES[::-1]
+
+
+def arm_environments(
+    both: Mapping[str, str], off: Mapping[str, str], on: Mapping[str, str]
+) -> dict[str, dict[str, str]]:
+    """``VLLM_FSE=0``/``1`` per arm, then the environment for both, then each arm's own."""
+    extra = {"off": off, "on": on}
+    return {arm: {**ARM_ENV[arm], **both, **extra[arm]} for arm in ARM_NAMES}
+
+
+def fse_states(log_text: str) -> dict[str, str]:
+    """``{model class: "on"|"off"}`` from the plugin's one-line plan per model in a server log."""
+    return {m.group(1): m.group(2) for m in _PLAN_LINE.finditer(log_text)}
+
+
+def check_arm(arm: str, log_text: str, log_path: Path) -> dict[str, str]:
+    """The server really runs the arm it stands for: every model of it says FSE ``arm``."""
+    states = fse_states(log_text)
+    if not states:
+        raise RuntimeError(
+            f"arm {arm!r}: the server log {log_path} has no vllm-fse plan line; is the model a "
+            "GLM-4 MoE checkpoint and vllm-fse installed in the server's environment?"
+        )
+    wrong = {name: state for name, state in states.items() if state != arm}
+    if wrong:
+        raise RuntimeError(
+            f"arm {arm!r}: the server runs with FSE {wrong} (see {log_path}); a fallback makes "
+            "the comparison meaningless. The plugin's warning in the log says why."
+        )
+    return states
+
+
+class ArmServers:
+    """Starts, checks and stops the arms' servers as a schedule needs them."""
+
+    def __init__(
+        self,
+        model: str,
+        server_args: Sequence[str],
+        arm_env: Mapping[str, Mapping[str, str]],
+        log_dir: Path,
+        startup_timeout_s: float = 1800.0,
+    ) -> None:
+        self.model = model
+        self.server_args = list(server_args)
+        self.arm_env = arm_env
+        self.log_dir = log_dir
+        self.startup_timeout_s = startup_timeout_s
+        self.running: dict[str, OpenAIServer] = {}
+        self.info: dict[str, dict] = {}
+        self.starts = 0
+
+    def _new(self, arm: str) -> OpenAIServer:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.log_dir / f"server-{arm}-{self.starts}.log"
+        self.starts += 1
+        return OpenAIServer(
+            self.model,
+            self.server_args,
+            env=self.arm_env[arm],
+            log_path=log_path,
+            startup_timeout_s=self.startup_timeout_s,
+            served_model_name=SERVED_MODEL_NAME,
+        )
+
+    def ensure(self, arms: Sequence[str]) -> None:
+        """Exactly ``arms`` running; new ones start together, so that their start-ups overlap."""
+        for arm in [a for a in self.running if a not in arms]:
+            self.running.pop(arm).stop()
+        new = {arm: self._new(arm) for arm in arms if arm not in self.running}
+        for arm, server in new.items():
+            env = " ".join(f"{k}={v}" for k, v in self.arm_env[arm].items())
+            print(f"[{arm}] starting the server ({env}); log {server.log_path}", flush=True)
+            server.launch()
+        try:
+            for arm, server in new.items():
+                self.running[arm] = server
+                server.wait_healthy()
+                log = server.log_path.read_text(errors="replace")
+                states = check_arm(arm, log, server.log_path)
+                self.info[arm] = {
+                    "startup_s": round(server.startup_s, 1),
+                    "fse": states,
+                    "plan": [ln.split("vllm-fse: ", 1)[1] for ln in log.splitlines() if "vllm-fse: " in ln],
+                    "command": server.command(),
+                    "env": dict(self.arm_env[arm]),
+                }
+                print(f"[{arm}] healthy after {server.startup_s:.0f}s; FSE {states}", flush=True)
+        except BaseException:
+            for server in new.values():
+                server.stop()
+            raise
+
+    def url(self, arm: str) -> str:
+        return self.running[arm].base_url
+
+    def stop_all(self) -> None:
+        for server in self.running.values():
+            server.stop()
+        self.running.clear()
+
+    def __enter__(self) -> ArmServers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_all()
