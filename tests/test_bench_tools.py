@@ -184,9 +184,11 @@ def test_report_writes_the_seeds_table_noise_table_and_plot(tmp_path: Path):
                                                "result": _fake_result(tpot)})  # fmt: skip
     md = write_report(tmp_path).read_text()
     assert "| ISL | OSL | MC | TPOT mean (ms) FSE=0 -> FSE=1 (Δ) | TPOT p99 (ms) FSE=0 -> FSE=1 (Δ) |" in md
-    assert "| 256 | 64 | 1 | 20.00 -> 18.00 (**-10.0%**)" in md
+    assert "| 256 | 64 | 1 | 20.00 -> 18.00 (**-10.0%**)" in md  # medians, bold: beyond noise
     row4 = next(line for line in md.splitlines() if line.startswith("| 256 | 64 | 4 | 5 |"))
     assert "| noise |" in row4
+    seeds4 = next(line for line in md.splitlines() if line.startswith("| 256 | 64 | 4 | ") and "->" in line)
+    assert "**" not in seeds4
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [c["mean_tpot_ms"]["verdict"] for c in summary["cells"]] == ["better", "noise"]
     png = tmp_path / "deltas.png"
@@ -221,12 +223,18 @@ def test_accuracy_comparison_flags_a_loglikelihood_mismatch():
 
 def test_accuracy_comparison_counts_identical_generations():
     def gen(doc: int, text: str, em: float) -> dict:
-        return {"doc_id": doc, "resps": [[text]], "filtered_resps": [text], "exact_match": em}
+        # One row per filter, as lm-eval logs them: the strict filter misses the second answer.
+        return [{"doc_id": doc, "filter": "strict-match", "resps": [[text]], "exact_match": em},
+                {"doc_id": doc, "filter": "flexible-extract", "resps": [[text]], "exact_match": 1.0}]  # fmt: skip
 
-    samples = {"off": [gen(0, "a #### 4", 1.0), gen(1, "b", 0.0)], "on": [gen(0, "a #### 4", 1.0), gen(1, "c", 0.0)]}
-    results = {"results": {"g": {"exact_match,strict-match": 0.5, "exact_match_stderr,strict-match": 0.5}}}
+    samples = {"off": gen(0, "a #### 4", 1.0) + gen(1, "b 4", 0.0), "on": gen(0, "a #### 4", 1.0) + gen(1, "c 4", 0.0)}
+    row = {"exact_match,strict-match": 0.5, "exact_match_stderr,strict-match": 0.5,
+           "exact_match,flexible-extract": 1.0, "exact_match_stderr,flexible-extract": 0.0}  # fmt: skip
+    results = {"results": {"g": row}}
     c = compare_task("g", samples, {"off": results, "on": results}, atol=1e-3)
     assert (c.generations, c.generations_identical, c.ll_samples) == (2, 1, 0)
+    assert c.metrics["exact_match,strict-match"].acc_a == 0.5
+    assert c.metrics["exact_match,flexible-extract"].acc_a == 1.0
 
 
 def test_shipped_task_data_is_what_the_generator_makes():

@@ -141,8 +141,12 @@ def compare_task(task: str, samples: dict[str, list[dict]], results: dict[str, d
     metrics, stderr = {}, {}
     metric_keys = _metric_keys(results["off"], task)
     for key in metric_keys:  # e.g. "acc,none", "exact_match,strict-match"
-        name = key.split(",")[0]
-        scores = {arm: [float(by_doc[arm][d][name]) for d in doc_ids] for arm in ARM_NAMES}
+        name, filt = key.split(",", 1)
+        # lm-eval logs one sample row per filter; each metric is scored on its filter's rows.
+        rows = {arm: {s["doc_id"]: s for s in samples[arm] if s.get("filter", "none") == filt} for arm in ARM_NAMES}
+        if rows["off"].keys() != set(doc_ids) or rows["on"].keys() != set(doc_ids):
+            raise RuntimeError(f"{task}: samples of filter {filt!r} do not cover the evaluated items")
+        scores = {arm: [float(rows[arm][d][name]) for d in doc_ids] for arm in ARM_NAMES}
         metrics[key] = paired_proportion_delta(scores["off"], scores["on"])
         stderr[key] = {arm: _stderr(results[arm], task, key) for arm in ARM_NAMES}
     return TaskComparison(

@@ -65,8 +65,9 @@ def _acceptance(pairs: list[tuple[dict, dict]]) -> dict[str, float] | None:
     return rates or None
 
 
-def _delta_text(d: PairedDelta, metric: Metric) -> str:
-    text = f"{d.delta_pct:+.1f}%"
+def _delta_text(d: PairedDelta) -> str:
+    """The seeds' Δ, B/A of the shown medians; bold when the paired interval excludes zero."""
+    text = f"{100 * (d.median_b / d.median_a - 1):+.1f}%"
     return f"**{text}**" if d.significant else text
 
 
@@ -78,7 +79,7 @@ def seeds_table(cells: dict) -> list[str]:
         parts = []
         for m in METRICS:
             d = deltas[m.key]
-            parts.append(f"{d.median_a:.{m.digits}f} -> {d.median_b:.{m.digits}f} ({_delta_text(d, m)})")
+            parts.append(f"{d.median_a:.{m.digits}f} -> {d.median_b:.{m.digits}f} ({_delta_text(d)})")
         lines.append(f"| {isl} | {osl} | {mc} | " + " | ".join(parts) + " |")
     return lines
 
@@ -86,8 +87,8 @@ def seeds_table(cells: dict) -> list[str]:
 def noise_table(cells: dict) -> list[str]:
     tpot, out = METRICS[0], METRICS[2]
     lines = [
-        "| ISL | OSL | MC | n | TPOT off [min-max] | TPOT on [min-max] | Δ TPOT, 95% CI | verdict | "
-        "Output tok/s Δ, 95% CI | verdict |",
+        "| ISL | OSL | MC | n | TPOT off [min-max] | TPOT on [min-max] | paired Δ TPOT, 95% CI | verdict | "
+        "paired Δ output tok/s, 95% CI | verdict |",
         "|----:|----:|---:|--:|---:|---:|---:|:--|---:|:--|",
     ]
     for (isl, osl, mc), deltas in cells.items():
@@ -115,8 +116,9 @@ def render_markdown(manifest: dict, cells: dict) -> str:
         f"{cfg['min_prompts']}); {manifest['repeats']} interleaved repeats per cell and arm",
         f"- Command: `{manifest.get('command', '')}`",
         "",
-        "Values are medians over the repeats. Δ is the geometric mean of the per-repeat ratios FSE=1/FSE=0; "
-        "**bold** when its 95% interval (paired t on log ratios) excludes zero, plain when it is within noise.",
+        "Values are medians over the repeats and Δ compares them. **Bold**: the effect is beyond noise, i.e. the "
+        "95% interval of the paired effect (geometric mean of the per-repeat ratios FSE=1/FSE=0, Student t on the "
+        "log ratios) excludes zero; the *Noise* table gives that paired effect and its interval.",
         "",
         *seeds_table(cells),
         "",
