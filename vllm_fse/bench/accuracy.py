@@ -20,7 +20,16 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from vllm_fse.bench.arms import ARM_NAMES, SERVED_MODEL_NAME, ArmServers, arm_environments
+from vllm_fse.bench.arms import (
+    ARM_NAMES,
+    SERVED_MODEL_NAME,
+    ArmServers,
+    add_model_arguments,
+    add_server_arguments,
+    arm_environments,
+    resolve_model,
+    server_mode,
+)
 from vllm_fse.bench.stats import ProportionDelta, paired_proportion_delta
 
 TASKS_DIR = Path(__file__).with_name("tasks")
@@ -28,15 +37,9 @@ DEFAULT_TASKS = ["fse_arith_mc", "fse_arith_gen"]
 
 
 def add_accuracy_arguments(parser: argparse.ArgumentParser) -> None:
-    from vllm_fse.bench.sweep import parse_env
-
     parser.add_argument("--out", required=True, help="results directory")
-    parser.add_argument("--model", default=None, help="model path or name (default: the embedded --preset)")
-    parser.add_argument("--preset", default="tiny", help="embedded tiny-model preset without --model (default: tiny)")
+    add_model_arguments(parser, preset="tiny")
     parser.add_argument("--tokenizer", default=None, help="tokenizer for lm-eval (default: the model)")
-    parser.add_argument("--dtype", default=None,
-                        help="server --dtype (default: the embedded preset's own dtype, else vLLM's auto; "
-                             "note that auto runs float32 checkpoints in bfloat16)")
     parser.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS,
                         help=f"lm-eval tasks (default: {' '.join(DEFAULT_TASKS)}, shipped with vllm-fse)")
     parser.add_argument("--num-fewshot", type=int, default=None, help="override the tasks' few-shot count")
@@ -46,14 +49,7 @@ def add_accuracy_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ll-atol", type=float, default=1e-3,
                         help="per-sample loglikelihood tolerance between arms (default 1e-3, for fp32; "
                              "bf16 needs about 0.05, and batch-dependent GPU kernels more)")
-    parser.add_argument("--server-arg", action="append", default=[], metavar="ARG",
-                        help="extra server argument for both arms (repeat for several)")
-    parser.add_argument("--env", type=parse_env, action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--env-off", type=parse_env, action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--env-on", type=parse_env, action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--servers", choices=("both", "alternate", "auto"), default="auto",
-                        help="both arms up at once, or one at a time (auto: both on CPU, alternate with a GPU)")
-    parser.add_argument("--startup-timeout", type=float, default=1800.0)
+    add_server_arguments(parser)
 
 
 def evaluate_arm(url: str, args: argparse.Namespace, tokenizer: str) -> dict:
@@ -208,11 +204,7 @@ def render_markdown(comparisons: list[TaskComparison], meta: dict, atol: float) 
 
 
 def run_accuracy(args: argparse.Namespace) -> tuple[list[TaskComparison], Path]:
-    import shlex
-
-    from vllm_fse.bench.machine import describe_machine, has_accelerator
-
-    from vllm_fse.bench.sweep import resolve_model
+    from vllm_fse.bench.machine import command_line, describe_machine
 
     model, dtype = resolve_model(args.model, args.preset, args.dtype)
     tokenizer = args.tokenizer or model
@@ -221,7 +213,7 @@ def run_accuracy(args: argparse.Namespace) -> tuple[list[TaskComparison], Path]:
     server_args = ["--max-model-len", str(args.max_length + 256), "--seed", "0"]
     server_args += [*(["--dtype", dtype] if dtype else []), *args.server_arg]
     arm_env = arm_environments(dict(args.env), dict(args.env_off), dict(args.env_on))
-    servers = args.servers if args.servers != "auto" else ("alternate" if has_accelerator() else "both")
+    servers = server_mode(args.servers)
     results: dict[str, dict] = {}
     with ArmServers(model, server_args, arm_env, out / "logs", args.startup_timeout) as arms:
         for arm in ARM_NAMES:
@@ -246,7 +238,7 @@ def run_accuracy(args: argparse.Namespace) -> tuple[list[TaskComparison], Path]:
         "arm_env": arm_env,
         "servers": info,
         "machine": describe_machine(),
-        "command": " ".join(shlex.quote(a) for a in sys.argv),
+        "command": command_line(),
         "tasks": args.tasks,
         "num_fewshot": args.num_fewshot,
         "limit": args.limit,

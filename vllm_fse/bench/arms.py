@@ -7,6 +7,7 @@ plan line per model); a silent fallback would turn the comparison into off vs of
 
 from __future__ import annotations
 
+import argparse
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -18,6 +19,59 @@ ARM_ENV = {"off": {"VLLM_FSE": "0"}, "on": {"VLLM_FSE": "1"}}
 SERVED_MODEL_NAME = "fse-bench"
 
 _PLAN_LINE = re.compile(r"vllm-fse: (\w+) FSE (on|off) \(")
+
+
+def parse_env(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    return key, value
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, preset: str) -> None:
+    """The model both arms run: a path or name, else an embedded tiny-model preset."""
+    parser.add_argument("--model", default=None, help="model path or name (default: the embedded --preset)")
+    parser.add_argument("--preset", default=preset,
+                        help=f"embedded tiny-model preset when --model is not given (default: {preset})")
+    parser.add_argument("--dtype", default=None,
+                        help="--dtype of the model (default: the embedded preset's own dtype, else vLLM's auto; "
+                             "note that auto runs float32 checkpoints in bfloat16)")
+
+
+def resolve_model(model: str | None, preset: str, dtype: str | None) -> tuple[str, str | None]:
+    """The model to serve and its ``--dtype``: a given model keeps vLLM's choice unless told;
+    the embedded preset runs in its own dtype (vLLM's auto would run float32 as bfloat16)."""
+    if model:
+        return model, dtype
+    from vllm_fse.demo import cached_model
+    from vllm_fse.tiny_model import PRESETS
+
+    return str(cached_model(preset)), dtype or PRESETS[preset].dtype
+
+
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """Server arguments and environments of the two arms, and how their servers are run."""
+    parser.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                        help="extra server argument for both arms, e.g. --server-arg=--tensor-parallel-size=2 "
+                             "(repeat for several; JSON values as --server-arg=--speculative-config={...})")
+    parser.add_argument("--env", type=parse_env, action="append", default=[], metavar="KEY=VALUE",
+                        help="environment of both servers")
+    parser.add_argument("--env-off", type=parse_env, action="append", default=[], metavar="KEY=VALUE",
+                        help="environment of the FSE-off server only")
+    parser.add_argument("--env-on", type=parse_env, action="append", default=[], metavar="KEY=VALUE",
+                        help="environment of the FSE-on server only, e.g. VLLM_ROCM_USE_AITER_FUSION_SHARED_EXPERTS=1")
+    parser.add_argument("--servers", choices=("both", "alternate", "auto"), default="auto",
+                        help="both arms up at once, or one at a time (auto: both on CPU, alternate with a GPU)")
+    parser.add_argument("--startup-timeout", type=float, default=1800.0, help="seconds per server start")
+
+
+def server_mode(choice: str) -> str:
+    """``auto``: both servers at once on CPU; one at a time where a GPU is visible."""
+    if choice != "auto":
+        return choice
+    from vllm_fse.bench.machine import has_accelerator
+
+    return "alternate" if has_accelerator() else "both"
 
 
 def arm_order(index: int) -> tuple[str, ...]:

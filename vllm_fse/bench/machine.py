@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata as md
 import os
 import platform
+import shlex
+import sys
 
 
 def _cpu_model() -> str:
@@ -50,6 +53,7 @@ def has_accelerator() -> bool:
     return bool(_accelerators())
 
 
+@functools.cache  # constant for the process; the sweep records it after every run
 def describe_machine() -> dict:
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     torch_version = _version("torch")
@@ -74,3 +78,8 @@ def machine_line(machine: dict) -> str:
         f"{accel}; {machine['os']}; {machine['vllm_distribution']} {machine['vllm']}, "
         f"torch {machine['torch']}, vllm-fse {machine['vllm_fse']}"
     )
+
+
+def command_line() -> str:
+    """This process's command, as a shell would take it back."""
+    return " ".join(shlex.quote(a) for a in sys.argv)

@@ -27,7 +27,14 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from vllm_fse.bench.arms import ARM_ENV, ARM_NAMES
+from vllm_fse.bench.arms import (
+    ARM_ENV,
+    ARM_NAMES,
+    add_model_arguments,
+    arm_order,
+    parse_env,
+    resolve_model,
+)
 
 # Operator categories (CPU build names; first match wins). vLLM's default CPU mode runs the model
 # as one compiled graph, so time is attributed per operator rather than per module: the unfused
@@ -41,7 +48,8 @@ CATEGORIES = (
     ("graph and Python glue", ("CompiledFxGraph", "Pregraph", "AOTDispatcher", "Torch-Compiled Region")),
 )
 OTHER = "other"
-GEMM_OPS = CATEGORIES[1][1]
+# The operators that are one GEMM call each (aten::linear and aten::matmul wrap one of these).
+GEMM_CALL_OPS = ("_C::onednn_mm", "aten::mm", "aten::addmm")
 
 
 def category(op_name: str) -> str:
@@ -54,9 +62,7 @@ def category(op_name: str) -> str:
 
 def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="results directory")
-    parser.add_argument("--model", default=None, help="model path (default: the embedded --preset)")
-    parser.add_argument("--preset", default="bench")
-    parser.add_argument("--dtype", default=None, help="(default: the preset's dtype, else vLLM's auto)")
+    add_model_arguments(parser, preset="bench")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16], help="decode batch sizes")
     parser.add_argument("--input-len", type=int, default=256)
     parser.add_argument("--steps", type=int, default=64, help="timed decode steps per batch size")
@@ -65,7 +71,7 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=3,
                         help="alternating rounds of (off, on) child processes; timings pool over rounds")
     parser.add_argument("--eager", action="store_true", help="enforce eager mode (default: vLLM's default)")
-    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="for both arms")
+    parser.add_argument("--env", type=parse_env, action="append", default=[], metavar="KEY=VALUE", help="for both arms")
 
 
 # -- child: one arm ---------------------------------------------------------------------------
@@ -77,7 +83,7 @@ def _categories(prof, steps: int) -> dict:
     gemm_calls = 0
     for e in prof.key_averages():
         per_step[category(e.key)] += e.self_cpu_time_total / 1e3 / steps
-        if category(e.key) == "GEMM" and e.key in ("_C::onednn_mm", "aten::mm", "aten::addmm"):
+        if e.key in GEMM_CALL_OPS:
             gemm_calls += e.count
     return {"ms_per_step": dict(per_step), "gemm_calls_per_step": gemm_calls / steps}
 
@@ -251,18 +257,15 @@ def render_markdown(summary: dict, meta: dict) -> str:
 
 
 def run_profile(args: argparse.Namespace) -> Path:
-    import shlex
-
-    from vllm_fse.bench.machine import describe_machine
-    from vllm_fse.bench.sweep import parse_env, resolve_model
+    from vllm_fse.bench.machine import command_line, describe_machine
 
     model, dtype = resolve_model(args.model, args.preset, args.dtype)
     out = Path(args.out)
     (out / "raw").mkdir(parents=True, exist_ok=True)
-    extra_env = dict(parse_env(e) for e in args.env)
+    extra_env = dict(args.env)
     rounds: dict[str, list[dict]] = {arm: [] for arm in ARM_NAMES}
     for rnd in range(args.rounds):
-        for arm in ARM_NAMES if rnd % 2 == 0 else ARM_NAMES[::-1]:
+        for arm in arm_order(rnd):
             raw = out / "raw" / f"{arm}-round{rnd}.json"
             if not raw.exists():
                 env = {**os.environ, **extra_env, **ARM_ENV[arm], "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
@@ -284,7 +287,7 @@ def run_profile(args: argparse.Namespace) -> Path:
     meta = {
         "model": model, "dtype": dtype, "eager": args.eager, "input_len": args.input_len, "steps": args.steps,
         "profile_steps": args.profile_steps, "rounds": args.rounds, "machine": describe_machine(),
-        "command": " ".join(shlex.quote(a) for a in sys.argv), "live_model": {a: rounds[a][0]["model"] for a in ARM_NAMES},
+        "command": command_line(), "live_model": {a: rounds[a][0]["model"] for a in ARM_NAMES},
     }  # fmt: skip
     (out / "profile.json").write_text(json.dumps({"meta": meta, "summary": summary}, indent=1, default=str))
     path = out / "profile.md"

@@ -23,14 +23,23 @@ import contextlib
 import json
 import os
 import re
-import shlex
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from vllm_fse.bench.arms import ARM_NAMES, SERVED_MODEL_NAME, ArmServers, arm_environments, arm_order
+from vllm_fse.bench.arms import (
+    ARM_NAMES,
+    SERVED_MODEL_NAME,
+    ArmServers,
+    add_model_arguments,
+    add_server_arguments,
+    arm_environments,
+    arm_order,
+    resolve_model,
+    server_mode,
+)
 
 # Scalars kept from vLLM's benchmark result (its per-request lists are dropped).
 RESULT_LISTS_DROPPED = ("input_lens", "output_lens", "ttfts", "itls", "latencies", "start_times",
@@ -65,13 +74,6 @@ def parse_io(text: str) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
-def parse_env(text: str) -> tuple[str, str]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    return key, value
-
-
 def grid(io_pairs: list[tuple[int, int]], concurrencies: list[int]) -> list[Cell]:
     return [Cell(isl, osl, mc) for isl, osl in io_pairs for mc in concurrencies]
 
@@ -99,11 +101,8 @@ def num_prompts(cell: Cell, per_concurrency: int, minimum: int) -> int:
 
 def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="results directory (resumed if it exists)")
-    parser.add_argument("--model", default=None, help="model path or name (default: the embedded --preset)")
-    parser.add_argument("--preset", default="bench", help="embedded tiny-model preset when --model is not given (default: bench)")
+    add_model_arguments(parser, preset="bench")
     parser.add_argument("--tokenizer", default=None, help="tokenizer for the benchmark client (default: the model)")
-    parser.add_argument("--dtype", default=None,
-                        help="server --dtype (default: the embedded preset's own dtype, else vLLM's auto)")
     parser.add_argument("--grid", type=parse_io, nargs="+", default=[(256, 64), (1024, 128)], metavar="ISL/OSL",
                         help="input/output lengths (default: 256/64 1024/128)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16], metavar="MC",
@@ -114,18 +113,7 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-prompts", type=int, default=8)
     parser.add_argument("--num-warmups", type=int, default=1, help="warm-up requests before each run")
     parser.add_argument("--seed", type=int, default=0, help="prompt seed of repeat 0; repeat N uses seed+N")
-    parser.add_argument("--server-arg", action="append", default=[], metavar="ARG",
-                        help="extra server argument for both arms, e.g. --server-arg=--tensor-parallel-size=2 "
-                             "(repeat for several; JSON values as --server-arg=--speculative-config={...})")
-    parser.add_argument("--env", type=parse_env, action="append", default=[], metavar="KEY=VALUE",
-                        help="environment of both servers")
-    parser.add_argument("--env-off", type=parse_env, action="append", default=[], metavar="KEY=VALUE",
-                        help="environment of the FSE-off server only")
-    parser.add_argument("--env-on", type=parse_env, action="append", default=[], metavar="KEY=VALUE",
-                        help="environment of the FSE-on server only, e.g. VLLM_ROCM_USE_AITER_FUSION_SHARED_EXPERTS=1")
-    parser.add_argument("--servers", choices=("both", "alternate", "auto"), default="auto",
-                        help="both arms up at once, or one at a time (auto: both on CPU, alternate with a GPU)")
-    parser.add_argument("--startup-timeout", type=float, default=1800.0, help="seconds per server start")
+    add_server_arguments(parser)
     parser.add_argument("--overwrite", action="store_true",
                         help="discard results in --out that were made with a different configuration")
 
@@ -148,24 +136,10 @@ class SweepConfig:
         """What must match for old runs to be reused (repeats may grow)."""
         data = asdict(self)
         data.pop("repeats")
-        data["cells"] = [asdict(c) for c in self.cells]
         return data
 
 
-def resolve_model(model: str | None, preset: str, dtype: str | None) -> tuple[str, str | None]:
-    """The model to serve and its ``--dtype``: a given model keeps vLLM's choice unless told;
-    the embedded preset runs in its own dtype (vLLM's auto would run float32 as bfloat16)."""
-    if model:
-        return model, dtype
-    from vllm_fse.demo import cached_model
-    from vllm_fse.tiny_model import PRESETS
-
-    return str(cached_model(preset)), dtype or PRESETS[preset].dtype
-
-
 def config_from_args(args: argparse.Namespace) -> SweepConfig:
-    from vllm_fse.bench.machine import has_accelerator
-
     model, dtype = resolve_model(args.model, args.preset, args.dtype)
     cells = grid(args.grid, args.concurrency)
     longest = max(c.input_len + c.output_len for c in cells)
@@ -178,9 +152,6 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
         *args.server_arg,
     ]  # fmt: skip
     arm_env = arm_environments(dict(args.env), dict(args.env_off), dict(args.env_on))
-    servers = args.servers
-    if servers == "auto":
-        servers = "alternate" if has_accelerator() else "both"
     return SweepConfig(
         model=model,
         tokenizer=args.tokenizer or model,
@@ -192,7 +163,7 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
         seed=args.seed,
         server_args=server_args,
         arm_env=arm_env,
-        servers=servers,
+        servers=server_mode(args.servers),
     )
 
 
@@ -275,7 +246,7 @@ def prepare_out_dir(out: Path, config: SweepConfig, overwrite: bool) -> None:
 
 
 def write_manifest(out: Path, config: SweepConfig, servers_info: dict) -> None:
-    from vllm_fse.bench.machine import describe_machine
+    from vllm_fse.bench.machine import command_line, describe_machine
 
     old = load_manifest(out) or {}
     info = {**old.get("servers", {}), **servers_info}
@@ -284,7 +255,7 @@ def write_manifest(out: Path, config: SweepConfig, servers_info: dict) -> None:
         {
             "config": config.identity(),
             "repeats": config.repeats,
-            "command": " ".join(shlex.quote(a) for a in sys.argv),
+            "command": command_line(),
             "machine": describe_machine(),
             "servers": info,
         },
