@@ -157,10 +157,47 @@ def test_fp8_block_checkpoint_is_fused_with_its_block_size(platform, monkeypatch
     assert plan.format.kind is FormatKind.FP8_BLOCK and plan.format.block_size == (128, 128)
 
 
-def test_malformed_toggle_is_an_error(platform, monkeypatch):
-    monkeypatch.setenv("VLLM_FSE", "yes")
-    with pytest.raises(ValueError, match="VLLM_FSE must be 0 or 1"):
+@pytest.mark.parametrize("value", ["yes", "2", "-1", "on", "fused"])
+def test_a_malformed_toggle_is_an_error_naming_the_variable_value_and_accepted_values(platform, monkeypatch, value):
+    monkeypatch.setenv("VLLM_FSE", value)
+    with pytest.raises(decision.FseSettingError) as error:
         plan_fse(_config())
+    message = str(error.value)
+    assert message.startswith(f"VLLM_FSE={value!r} is not accepted") and "0" in message and "auto" in message
+
+
+@pytest.mark.parametrize("value", ["-2", "1e9x", "1.5", "four", "0x10"])
+def test_a_malformed_fused_max_tokens_is_an_error_naming_the_variable_and_accepted_values(
+    platform, monkeypatch, value
+):
+    monkeypatch.setenv("VLLM_FSE", "auto")
+    monkeypatch.setenv("VLLM_FSE_FUSED_MAX_TOKENS", value)
+    with pytest.raises(decision.FseSettingError, match=rf"^VLLM_FSE_FUSED_MAX_TOKENS={value!r} is not accepted: use a whole number of tokens >= 0"):
+        plan_fse(_config())
+
+
+def test_auto_is_the_backend_neutral_path_with_a_per_step_switch(platform, monkeypatch):
+    monkeypatch.setenv("VLLM_FSE", "auto")
+    plan = plan_fse(_config())
+    assert plan.path is FsePath.BACKEND_NEUTRAL and plan.switch is decision.FseSwitch.AUTO
+    assert plan.fused_max_tokens is None and plan.reason == "requested by VLLM_FSE=auto"
+    monkeypatch.setenv("VLLM_FSE_FUSED_MAX_TOKENS", "0")
+    assert plan_fse(_config()).fused_max_tokens == 0
+
+
+def test_vllm_fse_1_stays_always_fused_whatever_the_switch_override(platform, monkeypatch):
+    monkeypatch.setenv("VLLM_FSE", "1")
+    monkeypatch.setenv("VLLM_FSE_FUSED_MAX_TOKENS", "8")
+    plan = plan_fse(_config())
+    assert plan.switch is decision.FseSwitch.ALWAYS_FUSED and plan.fused_max_tokens is None
+
+
+def test_auto_on_the_aiter_path_runs_always_fused_and_says_so(platform, monkeypatch, warnings):
+    platform(rocm=True, aiter_moe=True, aiter_fse=True)
+    monkeypatch.setenv("VLLM_FSE", "auto")
+    plan = plan_fse(_config())
+    assert plan.path is FsePath.AITER and plan.switch is decision.FseSwitch.ALWAYS_FUSED
+    assert any("auto runs always fused on the ROCm AITER path" in w for w in warnings())
 
 
 @pytest.mark.parametrize("ep_size", [1, 2, 3, 4, 8])

@@ -87,7 +87,7 @@ def test_fse_is_really_on_in_the_live_model(matrix, case):
         ]
         for layer in rank["moe_layers"]:
             assert layer["has_shared_experts_mlp"] is False
-            assert layer["router"] == "SharedSlotRouter"
+            assert layer["shared_slots"] == "SharedSlotExperts" and layer["has_split_mlp"] is False
             assert layer["w13_shape"][0] == layer["w2_shape"][0] == n_routed + n_shared
             assert layer["top_k"] == top_k + n_shared
             assert layer["shared_slot_weight"] == pytest.approx(expected_weight)

@@ -18,7 +18,14 @@ SKIP_VERSION_CHECK_ENV = "VLLM_FSE_SKIP_VERSION_CHECK"
 # The plugin's environment variables. They share vLLM's VLLM_ prefix, so vLLM must know them:
 # otherwise it warns "Unknown vLLM environment variable" and, with
 # --fail-on-environ-validation, refuses to start.
-PLUGIN_ENV_VARS = ("VLLM_FSE", SKIP_VERSION_CHECK_ENV, "VLLM_FSE_CACHE")
+PLUGIN_ENV_VARS = ("VLLM_FSE", "VLLM_FSE_FUSED_MAX_TOKENS", SKIP_VERSION_CHECK_ENV, "VLLM_FSE_CACHE")
+
+
+def cache_dir():
+    """Where vllm-fse keeps what it builds or measures (``VLLM_FSE_CACHE``)."""
+    from pathlib import Path
+
+    return Path(os.environ.get("VLLM_FSE_CACHE") or Path.home() / ".cache" / "vllm-fse")
 
 
 def declare_plugin_env_vars() -> None:

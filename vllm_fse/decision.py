@@ -4,8 +4,11 @@ Both GLM-4 MoE classes (main model and MTP draft) ask :func:`plan_fse`; a model 
 decides on its own. Precedence of the toggles (default: off):
 
 1. ``VLLM_FSE=0`` forces FSE off everywhere, whatever else is set.
-2. ``VLLM_FSE=1`` turns it on for any platform.
-3. On ROCm, vLLM's own ``VLLM_ROCM_USE_AITER_FUSION_SHARED_EXPERTS=1`` turns it on too, when
+2. ``VLLM_FSE=1`` turns it on for any platform: every step runs fused.
+3. ``VLLM_FSE=auto`` turns it on too, and every step picks fused or split by its token count
+   (backend-neutral path; see :mod:`vllm_fse.models.shared_slot_experts`). The switch point is
+   ``VLLM_FSE_FUSED_MAX_TOKENS`` when set, else measured on this machine at startup (cached).
+4. On ROCm, vLLM's own ``VLLM_ROCM_USE_AITER_FUSION_SHARED_EXPERTS=1`` turns it on too, when
    AITER MoE is active (``VLLM_ROCM_USE_AITER=1``, ``VLLM_ROCM_USE_AITER_MOE=1``), as upstream.
 
 The path follows the platform: with AITER MoE active, the shared slots run through vLLM's AITER
@@ -30,13 +33,27 @@ from vllm_fse.loading import (
 )
 
 FSE_ENV = "VLLM_FSE"
+FUSED_MAX_TOKENS_ENV = "VLLM_FSE_FUSED_MAX_TOKENS"
 AITER_FSE_ENV = "VLLM_ROCM_USE_AITER_FUSION_SHARED_EXPERTS"
+FSE_VALUES = ("0", "1", "auto")
+
+
+class FseSettingError(ValueError):
+    """A plugin environment variable with a value it does not accept."""
 
 
 class FsePath(enum.Enum):
     OFF = "unfused"
     BACKEND_NEUTRAL = "backend-neutral router append"
     AITER = "ROCm AITER fused shared experts"
+
+
+class FseSwitch(enum.Enum):
+    """When a fused model runs a step with its shared slots inside the MoE kernel."""
+
+    ALWAYS_FUSED = "always fused"
+    # Fused for steps of at most N tokens, split (shared experts as a dense MLP) above.
+    AUTO = "auto"
 
 
 @dataclass(frozen=True)
@@ -48,6 +65,9 @@ class FsePlan:
     n_routed_experts: int = 0
     n_shared_experts: int = 0
     format: SharedExpertFormat | None = None
+    switch: FseSwitch = FseSwitch.ALWAYS_FUSED
+    # VLLM_FSE_FUSED_MAX_TOKENS under auto; None: measured at startup.
+    fused_max_tokens: int | None = None
 
     @property
     def enabled(self) -> bool:
@@ -58,13 +78,36 @@ class FsePlan:
         return range(self.n_routed_experts, self.n_routed_experts + self.n_shared_experts)
 
 
-def _env_fse() -> bool | None:
+def _env_fse() -> str | None:
     value = os.environ.get(FSE_ENV)
     if value is None or value == "":
         return None
-    if value not in ("0", "1"):
-        raise ValueError(f"{FSE_ENV} must be 0 or 1, got {value!r}")
-    return value == "1"
+    if value.strip().lower() not in FSE_VALUES:
+        raise FseSettingError(
+            f"{FSE_ENV}={value!r} is not accepted: use 0 (unfused), 1 (always fused) or auto "
+            "(fused or split per step)"
+        )
+    return value.strip().lower()
+
+
+def env_fused_max_tokens() -> int | None:
+    """``VLLM_FSE_FUSED_MAX_TOKENS``: a token count >= 0, or None when unset."""
+    value = os.environ.get(FUSED_MAX_TOKENS_ENV)
+    if value is None or value.strip() == "":
+        return None
+    text = value.strip()
+    if not text.isdigit():
+        raise FseSettingError(
+            f"{FUSED_MAX_TOKENS_ENV}={value!r} is not accepted: use a whole number of tokens >= 0 "
+            "(fused for steps of at most that many tokens, split above; 0 = always split)"
+        )
+    return int(text)
+
+
+def validate_env() -> None:
+    """Raise :class:`FseSettingError` for any plugin variable with a bad value."""
+    _env_fse()
+    env_fused_max_tokens()
 
 
 def _on_rocm() -> bool:
@@ -118,9 +161,11 @@ def plan_fse(vllm_config) -> FsePlan:
     n_routed = int(config.n_routed_experts)
     n_shared = int(getattr(config, "n_shared_experts", 0) or 0)
 
-    forced = _env_fse()
-    if forced is False:
+    requested = _env_fse()
+    max_tokens = env_fused_max_tokens()
+    if requested == "0":
         return FsePlan(FsePath.OFF, f"{FSE_ENV}=0")
+    forced = requested is not None
     if n_shared == 0:
         return FsePlan(FsePath.OFF, "the model has no shared experts")
 
@@ -148,8 +193,26 @@ def plan_fse(vllm_config) -> FsePlan:
     refusal = _refusal(vllm_config, aiter=path is FsePath.AITER)
     if refusal:
         return _fallback(refusal)
-    requested_by = f"{FSE_ENV}=1" if forced else f"{AITER_FSE_ENV}=1"
-    return FsePlan(path, f"requested by {requested_by}", n_routed, n_shared, fmt)
+    requested_by = f"{FSE_ENV}={requested}" if forced else f"{AITER_FSE_ENV}=1"
+    switch = FseSwitch.ALWAYS_FUSED
+    if requested == "auto":
+        if path is FsePath.AITER:
+            logger.warning_once(
+                "vllm-fse: %s=auto runs always fused on the ROCm AITER path (its split path is "
+                "not implemented there)",
+                FSE_ENV,
+            )
+        else:
+            switch = FseSwitch.AUTO
+    return FsePlan(
+        path,
+        f"requested by {requested_by}",
+        n_routed,
+        n_shared,
+        fmt,
+        switch=switch,
+        fused_max_tokens=max_tokens if switch is FseSwitch.AUTO else None,
+    )
 
 
 def _fallback(reason: str) -> FsePlan:

@@ -16,6 +16,7 @@ import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
+from vllm_fse.compat import cache_dir
 from vllm_fse.tiny_model import PRESETS, spec_fingerprint, write_tiny_model
 
 DEMO_PROMPTS = [
@@ -36,10 +37,6 @@ DEMO_ARMS = [
     Arm("FSE off", {"VLLM_FSE": "0"}),
     Arm("FSE on", {"VLLM_FSE": "1"}),
 ]
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("VLLM_FSE_CACHE", Path.home() / ".cache" / "vllm-fse"))
 
 
 def cached_model(preset: str) -> Path:

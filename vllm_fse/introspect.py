@@ -30,22 +30,35 @@ def describe_model(model) -> dict[str, Any]:
     layers = []
     for name, block in _moe_blocks(model):
         runner = block.experts
+        slots = getattr(runner, "fse_shared_slots", None)
         layers.append(
             {
                 "name": name,
                 "has_shared_experts_mlp": getattr(block, "shared_experts", None) is not None,
+                "has_split_mlp": getattr(block, "fse_split_mlp", None) is not None,
                 "router": type(runner.router).__qualname__,
-                "shared_slot_weight": getattr(runner.router, "slot_weight", None),
+                "shared_slots": type(slots).__qualname__ if slots is not None else None,
+                "shared_slot_weight": slots.slot_weight if slots is not None else None,
                 "top_k": runner.moe_config.experts_per_token,
                 "w13_shape": list(runner.routed_experts.w13_weight.shape),
                 "w2_shape": list(runner.routed_experts.w2_weight.shape),
             }
         )
+    switch = getattr(model, "fse_switch", None)
     return {
         "class": model_class(model),
         "fse_path": plan.path.name if plan is not None else None,
         "fse_reason": plan.reason if plan is not None else None,
         "moe_layers": layers,
+        "switch": None if switch is None else {
+            "auto": switch.auto,
+            "fused_max_tokens": switch.fused_max_tokens,
+            "source": switch.source,
+            "describe": switch.describe() if switch.resolved else None,
+            "calls": dict(switch.calls),
+            "measured": list(switch.measured),
+            "resolve_s": switch.resolve_s,
+        },
     }
 
 

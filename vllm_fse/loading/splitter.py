@@ -54,6 +54,9 @@ class SharedExpertLayout:
     moe_intermediate_size: int
     moe_layers: frozenset[int]
     format: SharedExpertFormat = UNQUANTIZED
+    # Also pass each packed shared-expert tensor on whole, renamed to ``mlp.{dense_copy}.*``:
+    # the weights of a dense MLP that runs the shared experts when a step is split.
+    dense_copy: str | None = None
 
     @property
     def enabled(self) -> bool:
@@ -171,7 +174,8 @@ def split_shared_experts(
 
     Everything else passes through untouched and in order. Chunks are views of the checkpoint
     tensor (scalar and down-proj per-channel scales are the same tensor for every slot), so
-    nothing is copied and nothing is held beyond the tensor at hand.
+    nothing is copied and nothing is held beyond the tensor at hand. With
+    ``layout.dense_copy`` the packed tensor itself follows its chunks under that module name.
     """
     if not layout.enabled:
         yield from weights
@@ -216,6 +220,8 @@ def split_shared_experts(
             chunks = _scale_chunks(name, proj, suffix, split, tensor, layout)
         for j, chunk in enumerate(chunks):
             yield layout.slot_name(match["head"], j, match["rest"]), chunk
+        if layout.dense_copy:
+            yield f"{match['head']}{layout.dense_copy}.{match['rest']}", tensor
         # Hold nothing while the next tensor is read: a checkpoint tensor is a view of its
         # shard's memory map, which must be free to close when the reader moves to the next shard.
         del tensor, chunks, chunk

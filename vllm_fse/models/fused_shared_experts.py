@@ -4,9 +4,10 @@ Construction: upstream ``Glm4MoE.__init__`` asks ``resolve_layer_fused_shared_ex
 to fuse and builds its experts with ``FusedMoEFactory``. While a plugin model is constructed,
 :func:`glm4_moe_construction` answers the first from the plugin's :class:`FsePlan` and, on the
 backend-neutral path, turns the second into a FusedMoE with ``n_routed + n_shared`` experts and
-``top_k + n_shared`` slots per token whose router is vLLM's own router for the routed experts
-followed by :class:`SharedSlotRouter`. Upstream's constructor stays the single source of the
-MoE block's structure and parameter names.
+``top_k + n_shared`` slots per token whose router is vLLM's own router for the routed experts;
+:class:`~vllm_fse.models.shared_slot_experts.SharedSlotExperts` adds the shared slots to each
+step (fused) or runs them as a dense MLP (split). Upstream's constructor stays the single source
+of the MoE block's structure and parameter names.
 
 Loading: checkpoint tensors go through :mod:`vllm_fse.loading` (split into the slots), and the
 FusedMoE weight loaders report which slot tensors they stored, so a slot left unfilled is an
@@ -16,63 +17,24 @@ error instead of a silent zero.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
-from vllm.model_executor.layers.fused_moe.router.fused_moe_router import FusedMoERouter
 from vllm.model_executor.layers.fused_moe.router.router_factory import (
     create_fused_moe_router,
 )
 
 from vllm_fse.compat import logger
-from vllm_fse.decision import FsePath, FsePlan, plan_fse
+from vllm_fse.decision import FsePath, FsePlan, FseSwitch, plan_fse
 from vllm_fse.loading import SharedExpertLayout, SlotTracker, split_shared_experts
+from vllm_fse.models.shared_slot_experts import SharedSlotExperts, SwitchPoint
+
+# The MoE block's module that holds the dense shared-expert MLP of the split path (VLLM_FSE=auto).
+SPLIT_MLP = "fse_split_mlp"
 
 # FusedMoE shard ids -> checkpoint projection names (GLM: gate=w1, up=w3, down=w2).
 _SHARD_TO_PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
-
-
-class SharedSlotRouter(FusedMoERouter):
-    """vLLM's router for the routed experts, then every token to each shared slot.
-
-    The routed top-k (grouped selection, sigmoid scores, ``e_score_correction_bias``,
-    ``norm_topk_prob``) is the wrapped router's, unchanged; the shared slots
-    ``[first_slot, first_slot + n_slots)`` are appended after it, at ``slot_weight``.
-    """
-
-    def __init__(
-        self, routed: FusedMoERouter, first_slot: int, n_slots: int, slot_weight: float
-    ) -> None:
-        super().__init__(eplb_state=routed.eplb_state)
-        self.routed = routed
-        self.first_slot = first_slot
-        self.n_slots = n_slots
-        self.slot_weight = slot_weight
-
-    @property
-    def routing_method_type(self):
-        return self.routed.routing_method_type
-
-    def set_capture_fn(self, capture_fn: Callable[[torch.Tensor], None] | None) -> None:
-        self.routed.set_capture_fn(capture_fn)
-
-    def _select_experts(
-        self,
-        hidden_states: torch.Tensor,
-        router_logits: torch.Tensor,
-        topk_indices_dtype: torch.dtype | None = None,
-        *,
-        input_ids: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        weights, ids = self.routed.select_experts(
-            hidden_states, router_logits, topk_indices_dtype, input_ids=input_ids
-        )
-        tokens = ids.shape[0]
-        slot_ids = torch.arange(
-            self.first_slot, self.first_slot + self.n_slots, device=ids.device, dtype=ids.dtype
-        ).expand(tokens, self.n_slots)
-        slot_weights = weights.new_full((tokens, self.n_slots), self.slot_weight)
-        return torch.cat([weights, slot_weights], dim=1), torch.cat([ids, slot_ids], dim=1)
 
 
 def shared_slot_weight(routed_scaling_factor: float, apply_routed_scale_to_output: bool) -> float:
@@ -89,7 +51,9 @@ def shared_slot_weight(routed_scaling_factor: float, apply_routed_scale_to_outpu
     return 1.0
 
 
-def _backend_neutral_factory(plan: FsePlan, real_factory: Callable) -> Callable:
+def _backend_neutral_factory(
+    plan: FsePlan, switch: SwitchPoint, build_split_mlp: Callable[..., torch.nn.Module], real_factory: Callable
+) -> Callable:
     def factory(
         *,
         num_experts: int,
@@ -98,6 +62,7 @@ def _backend_neutral_factory(plan: FsePlan, real_factory: Callable) -> Callable:
         fuse_shared_experts: bool = False,
         routed_scaling_factor: float = 1.0,
         apply_routed_scale_to_output: bool = False,
+        shared_expert_prefix: str | None = None,
         **kwargs,
     ):
         if not fuse_shared_experts:
@@ -106,6 +71,7 @@ def _backend_neutral_factory(plan: FsePlan, real_factory: Callable) -> Callable:
                 top_k=top_k,
                 n_shared_experts=n_shared_experts,
                 fuse_shared_experts=fuse_shared_experts,
+                shared_expert_prefix=shared_expert_prefix,
                 routed_scaling_factor=routed_scaling_factor,
                 apply_routed_scale_to_output=apply_routed_scale_to_output,
                 **kwargs,
@@ -130,16 +96,10 @@ def _backend_neutral_factory(plan: FsePlan, real_factory: Callable) -> Callable:
             routed_scaling_factor=1.0 if apply_routed_scale_to_output else routed_scaling_factor,
             e_score_correction_bias=kwargs.get("e_score_correction_bias"),
         )
-        router = SharedSlotRouter(
-            routed,
-            first_slot=num_experts,
-            n_slots=n_shared_experts,
-            slot_weight=shared_slot_weight(routed_scaling_factor, apply_routed_scale_to_output),
-        )
         runner = real_factory(
             num_experts=num_experts + n_shared_experts,
             top_k=top_k + n_shared_experts,
-            router=router,
+            router=routed,
             routed_scaling_factor=routed_scaling_factor,
             apply_routed_scale_to_output=apply_routed_scale_to_output,
             **kwargs,
@@ -151,13 +111,32 @@ def _backend_neutral_factory(plan: FsePlan, real_factory: Callable) -> Callable:
                 "so the shared slots cannot be appended; run with VLLM_FSE=0 or pick a modular "
                 "MoE backend (--moe-backend)"
             )
+        split_mlp = None
+        if switch.auto:
+            # The model's own shared-expert MLP, under upstream's prefix (quantization rules).
+            split_mlp = build_split_mlp(
+                hidden_size=kwargs["hidden_size"],
+                intermediate_size=kwargs["intermediate_size"] * n_shared_experts,
+                quant_config=kwargs.get("quant_config"),
+                prefix=shared_expert_prefix,
+            )
+        SharedSlotExperts(
+            runner,
+            switch,
+            n_routed=num_experts,
+            n_shared=n_shared_experts,
+            slot_weight=shared_slot_weight(routed_scaling_factor, apply_routed_scale_to_output),
+            split_mlp=split_mlp,
+        )
         return runner
 
     return factory
 
 
 @contextlib.contextmanager
-def glm4_moe_construction(plan: FsePlan) -> Iterator[None]:
+def glm4_moe_construction(
+    plan: FsePlan, switch: SwitchPoint | None, build_split_mlp: Callable[..., torch.nn.Module]
+) -> Iterator[None]:
     """Build upstream GLM-4 MoE blocks according to ``plan`` (see the module docstring).
 
     Swaps two names in ``vllm.model_executor.models.glm4_moe`` for the duration of one model's
@@ -169,7 +148,7 @@ def glm4_moe_construction(plan: FsePlan) -> Iterator[None]:
     real_factory = glm4_moe.FusedMoEFactory
     glm4_moe.resolve_layer_fused_shared_expert = lambda quant_config, prefix, *a, **k: plan.enabled
     if plan.path is FsePath.BACKEND_NEUTRAL:
-        glm4_moe.FusedMoEFactory = _backend_neutral_factory(plan, real_factory)
+        glm4_moe.FusedMoEFactory = _backend_neutral_factory(plan, switch, build_split_mlp, real_factory)
     try:
         yield
     finally:
@@ -188,6 +167,7 @@ def checkpoint_layout(hf_config, plan: FsePlan) -> SharedExpertLayout:
         moe_intermediate_size=hf_config.moe_intermediate_size,
         moe_layers=frozenset(range(hf_config.first_k_dense_replace, n_layers + n_mtp)),
         format=plan.format,
+        dense_copy=SPLIT_MLP if plan.switch is FseSwitch.AUTO else None,
     )
 
 
@@ -228,12 +208,47 @@ def _tracked_weight_loaders(moe_blocks: dict[int, torch.nn.Module], plan: FsePla
             param.weight_loader = loader
 
 
+_SPLIT_MLP_TENSOR = re.compile(rf"(?:^|\.)layers\.(\d+)\.mlp\.{SPLIT_MLP}\.(gate_proj|up_proj|down_proj)\.(.+)$")
+# Checkpoint projection -> (split MLP module, shard id): vLLM's stacked gate_up_proj.
+_SPLIT_MLP_TARGET = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1), "down_proj": ("down_proj", None)}
+
+
+def _load_split_mlps(
+    weights: Iterable[tuple[str, torch.Tensor]],
+    model: torch.nn.Module,
+    moe_blocks: dict[int, torch.nn.Module],
+    loaded: set[str],
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Load the splitter's whole shared-expert tensors into each block's split MLP (adding the
+    parameters' names to ``loaded``); pass everything else on to the family's loader.
+
+    Done here rather than by the family's loader, which knows only its own module names."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    for name, tensor in weights:
+        match = _SPLIT_MLP_TENSOR.search(name)
+        if match is None:
+            yield name, tensor
+            continue
+        layer, proj, suffix = int(match[1]), match[2], match[3]
+        block = moe_blocks.get(layer)
+        if block is None:  # a layer another pipeline rank holds
+            continue
+        module_name, shard = _SPLIT_MLP_TARGET[proj]
+        param = getattr(getattr(block, SPLIT_MLP), module_name).get_parameter(suffix)
+        if shard is None:
+            param.weight_loader(param, tensor)
+        else:
+            param.weight_loader(param, tensor, shard)
+        loaded.add(names[id(param)])
+
+
 def load_with_fused_shared_experts(
     weights: Iterable[tuple[str, torch.Tensor]],
     load: Callable[[Iterable[tuple[str, torch.Tensor]]], set[str]],
     *,
     plan: FsePlan,
     hf_config,
+    model: torch.nn.Module,
     moe_blocks: dict[int, torch.nn.Module],
 ) -> set[str]:
     """Run ``load`` (upstream's loader) on the split checkpoint, then verify every slot.
@@ -251,10 +266,11 @@ def load_with_fused_shared_experts(
             )
         )
     )
+    split_loaded: set[str] = set()
     with _tracked_weight_loaders(moe_blocks, plan, tracker):
-        loaded = load(split_shared_experts(weights, layout))
+        loaded = load(_load_split_mlps(split_shared_experts(weights, layout), model, moe_blocks, split_loaded))
     tracker.verify()
-    return loaded
+    return loaded | split_loaded
 
 
 # The target model's plan in this process, for the draft model to compare against.
@@ -284,18 +300,47 @@ def check_draft_agrees_with_target(plan: FsePlan) -> None:
         )
 
 
+def _format_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024 or unit == "MiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"
+
+
+def _split_mlp_bytes(moe_blocks: dict[int, torch.nn.Module]) -> int:
+    return sum(
+        p.numel() * p.element_size()
+        for block in moe_blocks.values()
+        if isinstance(getattr(block, SPLIT_MLP, None), torch.nn.Module)
+        for p in getattr(block, SPLIT_MLP).parameters()
+    )
+
+
 def log_plan(model_name: str, plan: FsePlan, moe_blocks: dict[int, torch.nn.Module]) -> None:
-    """One INFO line per model: on/off, path, MoE layers, slot indices, shared-slot weight."""
+    """One INFO line per model: on/off, path, MoE layers, slot indices, shared-slot weight and,
+    on the backend-neutral path, when steps run fused (logged once that is known: under
+    ``auto`` without an override, after the model's first MoE call measured or read it)."""
     moe_layers = sorted(moe_blocks)
-    if plan.enabled:
-        router = next(iter(moe_blocks.values())).experts.router if moe_blocks else None
-        if isinstance(router, SharedSlotRouter):
-            weight = f"{router.slot_weight:g}"
-        else:
-            weight = "1.0, routed_scaling_factor applied by AITER to the routed slots only"
+    if not plan.enabled:
+        logger.info_once("vllm-fse: %s FSE off (%s)", model_name, plan.reason)
+        return
+    slots = getattr(next(iter(moe_blocks.values())).experts, "fse_shared_slots", None) if moe_blocks else None
+    if slots is None:
+        weight, switch = "1.0, routed_scaling_factor applied by AITER to the routed slots only", None
+    else:
+        weight, switch = f"{slots.slot_weight:g}", slots.switch
+    split_bytes = _split_mlp_bytes(moe_blocks)
+
+    def announce() -> None:
+        steps = ""
+        if switch is not None:
+            steps = f"; {switch.describe()}"
+            if split_bytes:
+                steps += f"; split path: one dense shared-expert copy per MoE layer, {_format_bytes(split_bytes)} in all"
         logger.info_once(
             "vllm-fse: %s FSE on (%s; %s): %d MoE layers %s, shared slots %s of %d experts per "
-            "layer, shared-slot weight %s",
+            "layer, shared-slot weight %s%s",
             model_name,
             plan.path.value,
             plan.reason,
@@ -304,9 +349,13 @@ def log_plan(model_name: str, plan: FsePlan, moe_blocks: dict[int, torch.nn.Modu
             f"{plan.slots.start}..{plan.slots.stop - 1}",
             plan.slots.stop,
             weight,
+            steps,
         )
+
+    if switch is None:
+        announce()
     else:
-        logger.info_once("vllm-fse: %s FSE off (%s)", model_name, plan.reason)
+        switch.announce_when_resolved(announce)
 
 
 def _ranges(indices: list[int]) -> str:
@@ -329,11 +378,41 @@ class FusedSharedExpertsMixin:
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         plan = plan_fse(vllm_config)
-        with glm4_moe_construction(plan):
+        switch = None
+        if plan.path is FsePath.BACKEND_NEUTRAL:
+            max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
+            switch = (
+                SwitchPoint.auto_switch(plan.fused_max_tokens, max_tokens)
+                if plan.switch is FseSwitch.AUTO
+                else SwitchPoint.always_fused(max_tokens)
+            )
+        with glm4_moe_construction(plan, switch, self.fse_build_split_mlp):
             super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.fse_plan = plan
+        self.fse_switch = switch
+        for block in self.fse_moe_blocks().values():
+            slots = getattr(block.experts, "fse_shared_slots", None)
+            if slots is not None and slots.split_mlp is not None:
+                # Under the block, so the checkpoint's shared-expert tensors load into it.
+                block.add_module(SPLIT_MLP, slots.split_mlp)
         log_plan(type(self).__name__, plan, self.fse_moe_blocks())
         self.fse_after_init()
+
+    def fse_build_split_mlp(
+        self, *, hidden_size: int, intermediate_size: int, quant_config, prefix: str
+    ) -> torch.nn.Module:
+        """The dense shared-expert MLP of the split path: the family's own MLP class, as
+        upstream builds it unfused (its output is reduced with the routed experts')."""
+        from vllm.model_executor.models.glm4_moe import Glm4MoeMLP
+
+        return Glm4MoeMLP(
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            hidden_act="silu",
+            quant_config=quant_config,
+            reduce_results=False,
+            prefix=prefix,
+        )
 
     def fse_moe_blocks(self) -> dict[int, torch.nn.Module]:
         """Layer index -> MoE block, for the layers this rank holds."""
@@ -353,5 +432,6 @@ class FusedSharedExpertsMixin:
             super().load_weights,
             plan=self.fse_plan,
             hf_config=self.config,
+            model=self,
             moe_blocks=self.fse_moe_blocks(),
         )

@@ -1,0 +1,379 @@
+"""Run a widened FusedMoE's shared slots fused or split, chosen per step by its token count.
+
+A backend-neutral FSE layer holds ``n_routed + n_shared`` experts, and vLLM's router selects the
+routed top-k only. :class:`SharedSlotExperts` takes the layer's expert call
+(``RoutedExperts.forward_modular``) and runs each step one of two lossless ways:
+
+- **fused**: every token also goes to each shared slot at ``slot_weight`` (ids and weights
+  written into a buffer whose shared columns were filled once), one MoE kernel call;
+- **split**: the MoE kernel on the routed top-k only, and the shared experts as a dense MLP
+  (the model's own shared-expert MLP class, with its own copy of the weights, computed first as
+  vLLM does unfused), added at the same ``slot_weight`` before the runner scales and reduces.
+
+Which one is a choice on the step's token count, so it must happen where the compiler does not
+look: vLLM traces the CPU MoE forward with Dynamo (guards skipped, so a Python ``if`` on the
+token count would be frozen at trace time), and captures CUDA graphs per batch size. The choice
+therefore lives inside the custom op ``vllm_fse::shared_slot_experts``, which is opaque to
+Dynamo and runs eagerly at every step (and once per captured size under CUDA graphs).
+
+:class:`SwitchPoint` is the per-model rule: always fused (``VLLM_FSE=1``), or fused for steps of
+at most N tokens (``VLLM_FSE=auto``), N from ``VLLM_FSE_FUSED_MAX_TOKENS``, the on-disk cache, or
+a measurement on the real layer at its first call (both paths timed at a ladder of token
+counts). Tensor-parallel ranks adopt rank 0's N, so all ranks take the same path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.library import Library
+from vllm.forward_context import get_forward_context
+from vllm.utils.torch_utils import direct_register_custom_op
+
+from vllm_fse.compat import cache_dir, logger
+
+ALWAYS = sys.maxsize
+# Calibration: stop climbing the ladder once split has won this many points in a row, or once
+# this much time went into it (unmeasured sizes then run split, i.e. as unfused).
+SPLIT_WINS_TO_STOP = 2
+CALIBRATION_BUDGET_S = 8.0
+CACHE_FILE = "switch-points.json"
+
+
+# -- the opaque op --------------------------------------------------------------------------------
+
+_lib = Library("vllm_fse", "FRAGMENT")
+
+
+def _shared_slot_experts(
+    hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer_name: str
+) -> torch.Tensor:
+    runner = get_forward_context().no_compile_layers[layer_name]
+    return runner.fse_shared_slots(hidden_states, topk_weights, topk_ids)
+
+
+def _shared_slot_experts_fake(
+    hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer_name: str
+) -> torch.Tensor:
+    return torch.empty_like(hidden_states)
+
+
+direct_register_custom_op(
+    op_name="shared_slot_experts",
+    op_func=_shared_slot_experts,
+    fake_impl=_shared_slot_experts_fake,
+    target_lib=_lib,
+)
+
+
+# -- the per-model switch point -----------------------------------------------------------------
+
+
+@dataclass
+class SwitchPoint:
+    """Fused for steps of at most ``fused_max_tokens`` tokens, split above; shared by every MoE
+    layer of one model. ``fused_max_tokens`` is None until resolved (auto, first call)."""
+
+    auto: bool
+    fused_max_tokens: int | None
+    source: str
+    max_num_batched_tokens: int
+    # Per path, how many MoE layer calls ran it (a test's proof that both paths ran).
+    calls: dict[str, int] = field(default_factory=lambda: {"fused": 0, "split": 0})
+    measured: list[dict] = field(default_factory=list)
+    resolve_s: float = 0.0
+    _announce: Callable[[], None] | None = None
+    _buffers: dict = field(default_factory=dict)
+
+    @classmethod
+    def always_fused(cls, max_num_batched_tokens: int) -> SwitchPoint:
+        return cls(False, ALWAYS, "VLLM_FSE=1", max_num_batched_tokens)
+
+    @classmethod
+    def auto_switch(cls, override: int | None, max_num_batched_tokens: int) -> SwitchPoint:
+        if override is not None:
+            return cls(True, override, f"VLLM_FSE_FUSED_MAX_TOKENS={override}", max_num_batched_tokens)
+        return cls(True, None, "", max_num_batched_tokens)
+
+    @property
+    def resolved(self) -> bool:
+        return self.fused_max_tokens is not None
+
+    def fused_for(self, tokens: int) -> bool:
+        return tokens <= self.fused_max_tokens
+
+    def describe(self) -> str:
+        if not self.auto:
+            return "every step fused"
+        n = self.fused_max_tokens
+        if n == 0:
+            rule = "every step split"
+        elif n >= self.max_num_batched_tokens:
+            rule = f"every step fused (up to max_num_batched_tokens={self.max_num_batched_tokens})"
+        else:
+            rule = f"fused for steps of <= {n} tokens, split above"
+        return f"auto: {rule} ({self.source})"
+
+    def announce_when_resolved(self, announce: Callable[[], None]) -> None:
+        if self.resolved:
+            announce()
+        else:
+            self._announce = announce
+
+    def slot_buffers(
+        self, layer: SharedSlotExperts, tokens: int, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ids and weights ``[tokens, top_k + n_shared]`` whose shared columns were filled once.
+
+        Views of one pair of ``[max_num_batched_tokens, ...]`` buffers per model: its MoE layers
+        run one after another, and each kernel reads them before the next layer writes.
+        """
+        top_k = topk_ids.shape[1]
+        key = (top_k, layer.n_routed, layer.n_shared, layer.slot_weight, topk_ids.dtype, topk_weights.dtype,
+               topk_ids.device)  # fmt: skip
+        buffers = self._buffers.get(key)
+        if buffers is None or buffers[0].shape[0] < tokens:
+            rows = max(tokens, self.max_num_batched_tokens)
+            ids = topk_ids.new_empty(rows, top_k + layer.n_shared)
+            ids[:, top_k:] = torch.arange(
+                layer.n_routed, layer.n_routed + layer.n_shared, dtype=ids.dtype, device=ids.device
+            )
+            weights = topk_weights.new_empty(rows, top_k + layer.n_shared)
+            weights[:, top_k:] = layer.slot_weight
+            buffers = self._buffers[key] = (ids, weights)
+        return buffers[0][:tokens], buffers[1][:tokens]
+
+
+# -- one MoE layer ----------------------------------------------------------------------------
+
+
+class SharedSlotExperts:
+    """Fused or split execution of one widened FusedMoE layer (not an ``nn.Module``: the split
+    MLP belongs to the MoE block, where the checkpoint's tensors load into it)."""
+
+    def __init__(
+        self,
+        runner: torch.nn.Module,
+        switch: SwitchPoint,
+        *,
+        n_routed: int,
+        n_shared: int,
+        slot_weight: float,
+        split_mlp: torch.nn.Module | None,
+    ) -> None:
+        if switch.auto and split_mlp is None:
+            raise ValueError("vllm-fse: VLLM_FSE=auto needs a split MLP for every MoE layer")
+        self.runner = runner
+        self.switch = switch
+        self.n_routed = n_routed
+        self.n_shared = n_shared
+        self.slot_weight = slot_weight
+        self.split_mlp = split_mlp
+        self.layer_name = runner.layer_name
+        routed = runner.routed_experts
+        self._forward_modular = routed.forward_modular  # vLLM's, bound to this layer
+        routed.forward_modular = self._op_entry
+        runner.fse_shared_slots = self
+
+    def _op_entry(
+        self,
+        x: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        shared_experts=None,
+        shared_experts_input: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        # The runner of a fused layer has no shared experts of its own.
+        assert shared_experts is None
+        return torch.ops.vllm_fse.shared_slot_experts(x, topk_weights, topk_ids, self.layer_name)
+
+    def __call__(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        if not self.switch.resolved:
+            resolve_switch_point(self, x, topk_ids)
+        if self.switch.fused_for(x.shape[0]):
+            self.switch.calls["fused"] += 1
+            return self.fused(x, topk_weights, topk_ids)
+        self.switch.calls["split"] += 1
+        return self.split(x, topk_weights, topk_ids)
+
+    def fused(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        tokens, top_k = topk_ids.shape
+        ids, weights = self.switch.slot_buffers(self, tokens, topk_weights, topk_ids)
+        ids[:, :top_k].copy_(topk_ids)
+        weights[:, :top_k].copy_(topk_weights)
+        return self._forward_modular(x, weights, ids)
+
+    def split(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        shared = self.split_mlp(x)  # first, as vLLM runs unfused shared experts
+        out = self._forward_modular(x, topk_weights, topk_ids)
+        return out.add_(shared, alpha=self.slot_weight)
+
+
+# -- resolving the switch point -------------------------------------------------------------------
+
+
+# CPU features that change which kernels vLLM and oneDNN run (and so the timings).
+_CPU_ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "asimd", "sve")
+
+
+def device_description(device: torch.device) -> str:
+    """The device model, and on CPU its ISA features: the same CPU name comes with and without
+    AVX-512 on cloud machines, and bf16 GEMMs differ by 5x between them."""
+    if device.type != "cpu":
+        return f"{device.type}:{torch.cuda.get_device_name(device)}"
+    name, flags = "cpu", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and name == "cpu":
+                name = value.strip()
+            elif key.strip() in ("flags", "Features") and not flags:
+                flags = set(value.split())
+    except OSError:
+        import platform
+
+        name = platform.processor() or name
+    return f"{name} [{' '.join(f for f in _CPU_ISA_FLAGS if f in flags) or 'no vector ISA flags read'}]"
+
+
+def cache_key(layer: SharedSlotExperts, x: torch.Tensor) -> str:
+    """Everything the timings depend on: machine, build, layer shapes, dtype, TP, kernels."""
+    from vllm import __version__ as vllm_version
+
+    from vllm_fse import __version__ as fse_version
+
+    routed = layer.runner.routed_experts
+    cfg = layer.runner.moe_config
+    return json.dumps(
+        {
+            "device": device_description(x.device),
+            "threads": torch.get_num_threads() if x.device.type == "cpu" else None,
+            "dtype": str(x.dtype).removeprefix("torch."),
+            "tp": cfg.tp_size,
+            "hidden": int(x.shape[-1]),
+            "w13": list(routed.w13_weight.shape),
+            "w2": list(routed.w2_weight.shape),
+            "experts": f"{layer.n_routed}+{layer.n_shared}",
+            "kernel": type(routed.quant_method).__name__,
+            "max_num_batched_tokens": layer.switch.max_num_batched_tokens,
+            "versions": f"vllm {vllm_version}, torch {torch.__version__}, vllm-fse {fse_version}",
+        },
+        sort_keys=True,
+    )
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(path: Path, key: str, entry: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cache = _read_cache(path)
+    cache[key] = entry
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
+    tmp.replace(path)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type != "cpu":
+        torch.accelerator.synchronize()
+
+
+def time_paths(layer: SharedSlotExperts, tokens: int, like_x: torch.Tensor, like_ids: torch.Tensor, reps: int
+               ) -> tuple[float, float]:  # fmt: skip
+    """Median seconds of one fused and one split call at ``tokens`` (interleaved, random routing;
+    dtypes, device and top-k as the layer's real first call ``like_x``/``like_ids``)."""
+    device = like_x.device
+    gen = torch.Generator(device="cpu").manual_seed(tokens)
+    x = torch.randn(tokens, like_x.shape[-1], generator=gen).to(device=device, dtype=like_x.dtype)
+    scores = torch.rand(tokens, layer.n_routed, generator=gen)
+    weights, ids = scores.topk(like_ids.shape[1], dim=-1)
+    weights = (weights / weights.sum(-1, keepdim=True)).to(device).contiguous()
+    ids = ids.to(device=device, dtype=like_ids.dtype).contiguous()
+    paths = {"fused": layer.fused, "split": layer.split}
+    times: dict[str, list[float]] = {"fused": [], "split": []}
+    for rep in range(reps + 1):  # the first round warms up
+        order = ("fused", "split") if rep % 2 == 0 else ("split", "fused")
+        for name in order:
+            _sync(device)
+            t0 = time.perf_counter()
+            paths[name](x, weights, ids)
+            _sync(device)
+            if rep:
+                times[name].append(time.perf_counter() - t0)
+    return statistics.median(times["fused"]), statistics.median(times["split"])
+
+
+def ladder(max_tokens: int) -> list[int]:
+    """1, 2, 4, ... up to and including ``max_tokens``."""
+    sizes, t = [], 1
+    while t < max_tokens:
+        sizes.append(t)
+        t *= 2
+    return sizes + [max_tokens]
+
+
+def measure_switch_point(
+    layer: SharedSlotExperts, like_x: torch.Tensor, like_ids: torch.Tensor, budget_s: float = CALIBRATION_BUDGET_S
+) -> tuple[int, list[dict]]:
+    """Climb the token ladder timing both paths; fused up to the last size where it won before
+    split won ``SPLIT_WINS_TO_STOP`` sizes in a row (or the budget ran out)."""
+    start = time.perf_counter()
+    fused_max, split_streak, rows = 0, 0, []
+    for tokens in ladder(layer.switch.max_num_batched_tokens):
+        if time.perf_counter() - start > budget_s:
+            logger.warning(
+                "vllm-fse: switch-point measurement stopped at %d tokens after %.1f s; larger steps run split",
+                tokens,
+                budget_s,
+            )
+            break
+        reps = 5 if tokens <= 64 else 3 if tokens <= 512 else 2
+        fused_s, split_s = time_paths(layer, tokens, like_x, like_ids, reps=reps)
+        rows.append({"tokens": tokens, "fused_us": fused_s * 1e6, "split_us": split_s * 1e6})
+        if fused_s <= split_s:
+            if split_streak < SPLIT_WINS_TO_STOP:
+                fused_max = tokens
+            split_streak = 0
+        else:
+            split_streak += 1
+            if split_streak >= SPLIT_WINS_TO_STOP:
+                break
+    return fused_max, rows
+
+
+def resolve_switch_point(layer: SharedSlotExperts, x: torch.Tensor, topk_ids: torch.Tensor) -> None:
+    """At a model's first MoE call under ``auto``: cached, else measured; then TP-agreed."""
+    from vllm.distributed import get_tp_group
+
+    switch = layer.switch
+    start = time.perf_counter()
+    path = cache_dir() / CACHE_FILE
+    key = cache_key(layer, x)
+    tp = get_tp_group()
+    entry = _read_cache(path).get(key)
+    if entry is not None:
+        fused_max, source, switch.measured = int(entry["fused_max_tokens"]), f"cached in {path}", entry["measured"]
+    else:
+        fused_max, switch.measured = measure_switch_point(layer, x, topk_ids)
+        source = f"measured at startup in {time.perf_counter() - start:.1f} s, cached in {path}"
+        if tp.rank_in_group == 0:
+            _write_cache(path, key, {"fused_max_tokens": fused_max, "measured": switch.measured})
+    if tp.world_size > 1:
+        fused_max, source = tp.broadcast_object((fused_max, source), src=0)
+    switch.fused_max_tokens, switch.source = fused_max, source
+    switch.resolve_s = time.perf_counter() - start
+    if switch._announce is not None:
+        switch._announce()
