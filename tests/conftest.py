@@ -88,6 +88,8 @@ def engine_run(
     logprobs: int = 5,
     probes: tuple[str, ...] = (),
     worker_probes: tuple[str, ...] = (),
+    after_probes: tuple[str, ...] = (),
+    after_worker_probes: tuple[str, ...] = (),
     dtype: str = "float32",
     metrics: bool = False,
     score_texts: list[str] | None = None,
@@ -119,6 +121,8 @@ def engine_run(
         "prompts": prompts,
         "probes": list(probes),
         "worker_probes": list(worker_probes),
+        "after_probes": list(after_probes),
+        "after_worker_probes": list(after_worker_probes),
         "metrics": metrics,
         "score_texts": score_texts or [],
     }

@@ -54,6 +54,10 @@ def run_one(run: dict) -> dict:
                 }
                 for o in scored
             ]
+        for probe in run.get("after_probes", []):  # the live model once generation is done
+            result[f"after:{probe}"] = llm.apply_model(getattr(introspect, probe))
+        for probe in run.get("after_worker_probes", []):
+            result[f"after:{probe}"] = llm.collective_rpc(getattr(introspect, probe))
         if run.get("metrics"):
             result["metrics"] = {
                 m.name: getattr(m, "value", getattr(m, "values", None)) for m in llm.get_metrics()

@@ -195,6 +195,38 @@ def test_report_writes_the_seeds_table_noise_table_and_plot(tmp_path: Path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
+def test_three_arms_rotate_and_each_arm_is_reported_against_off(tmp_path: Path):
+    arms = ["off", "on", "auto"]
+    config = _config(cells=[sweep.Cell(256, 64, 1)], repeats=3, arms=arms,
+                     arm_env=arm_environments({}, {}, {}, {"X": "1"}, arms))  # fmt: skip
+    assert config.arm_env["auto"] == {"VLLM_FSE": "auto", "X": "1"}
+    runs = sweep.schedule(config.cells, 3, "both", arms)
+    assert [r.arm for r in runs] == ["off", "on", "auto", "on", "auto", "off", "auto", "off", "on"]
+    sweep.prepare_out_dir(tmp_path, config, overwrite=False)
+    sweep.write_manifest(tmp_path, config, {})
+    drift = [1.0, 1.1, 0.9]
+    for run in runs:
+        tpot = 20.0 * drift[run.rep] * {"off": 1.0, "on": 0.9, "auto": 0.8}[run.arm]
+        sweep._write_json(run.path(tmp_path), {"rep": run.rep, "arm": run.arm, "cell": vars(run.cell),
+                                               "result": _fake_result(tpot)})  # fmt: skip
+    md = write_report(tmp_path).read_text()
+    assert "## auto vs FSE=0" in md and "## FSE=1 vs FSE=0" in md
+    assert "| 256 | 64 | 1 | 20.00 -> 16.00 (**-20.0%**)" in md
+    assert "| 256 | 64 | 1 | 20.00 -> 18.00 (**-10.0%**)" in md
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary["comparisons"]) == {"on", "auto"} and summary["cells"] == summary["comparisons"]["on"]
+    assert (tmp_path / "deltas-auto.png").is_file() and (tmp_path / "deltas.png").is_file()
+
+
+def test_auto_arm_check_needs_the_per_step_switch_in_every_plan_line():
+    auto_log = ON_LOG.replace("requested by VLLM_FSE=1): 5 MoE layers [1..5], shared slots 64..64",
+                              "requested by VLLM_FSE=auto): 5 MoE layers; auto: fused for steps of <= 64 tokens")
+    with pytest.raises(RuntimeError, match="without the per-step switch"):
+        check_arm("auto", auto_log, Path("x.log"))  # the MTP line lacks it
+    both = auto_log.replace("(backend-neutral router append; ...)", "(...); auto: every step split (...)")
+    assert check_arm("auto", both, Path("x.log")) == {"FseGlm4MoeForCausalLM": "on", "FseGlm4MoeMTP": "on"}
+
+
 # -- accuracy comparison --------------------------------------------------------------------
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import pathlib
 
 import pytest
@@ -363,3 +364,16 @@ def test_loading_package_imports_no_vllm():
             elif isinstance(node, ast.ImportFrom) and node.module:
                 names = [node.module]
             assert not any(n == "vllm" or n.startswith("vllm.") for n in names), f"{path.name} imports {names}"
+
+
+def test_dense_copy_passes_each_packed_tensor_on_whole_after_its_chunks():
+    """VLLM_FSE=auto: the split path's dense MLP loads the packed tensor itself (no copy)."""
+    layout = dataclasses.replace(_layout(n_shared=2), dense_copy="fse_split_mlp")
+    gate = torch.randn(16, 16)
+    out = list(split_shared_experts([("model.layers.1.mlp.shared_experts.gate_proj.weight", gate)], layout))
+    assert [name for name, _ in out] == [
+        f"model.layers.1.mlp.experts.{N_ROUTED}.gate_proj.weight",
+        f"model.layers.1.mlp.experts.{N_ROUTED + 1}.gate_proj.weight",
+        "model.layers.1.mlp.fse_split_mlp.gate_proj.weight",
+    ]
+    assert out[-1][1] is gate

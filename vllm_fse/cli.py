@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("report", "report", "rebuild summary.md, summary.json and deltas.png of a sweep directory"),
         ("accuracy", "accuracy", "lm-eval on both arms: per-sample equality and accuracy delta"),
         ("profile", "profile", "where decode time goes, per MoE layer, with FSE off and on"),
+        ("crossover", "crossover", "fused vs split (and auto) paired inside one engine, per token count"),
     ):
         bench_sub.add_parser(name, help=help_text, add_help=False).set_defaults(
             func=_bench, bench_module=module

@@ -79,6 +79,22 @@ def shared_slot_weights(model) -> dict[str, dict[str, torch.Tensor]]:
     return out
 
 
+def reset_switch_calls(model) -> dict[str, int] | None:
+    """Zero the model's fused/split call counters (so a later read counts only what follows)."""
+    switch = getattr(model, "fse_switch", None)
+    if switch is None:
+        return None
+    before = dict(switch.calls)
+    for path in switch.calls:
+        switch.calls[path] = 0
+    return before
+
+
+def switch_state(model) -> dict[str, Any] | None:
+    """:func:`describe_model`'s ``switch`` entry alone."""
+    return describe_model(model)["switch"]
+
+
 def _drafter_model(worker):
     """The speculative-decoding draft model of a worker (``LLM.collective_rpc`` target)."""
     worker = getattr(worker, "worker", worker)  # a WorkerWrapper holds the worker
@@ -88,6 +104,16 @@ def _drafter_model(worker):
 def describe_drafter(worker) -> dict[str, Any]:
     """:func:`describe_model` of the worker's draft model (pass to ``LLM.collective_rpc``)."""
     return describe_model(_drafter_model(worker))
+
+
+def drafter_switch_state(worker) -> dict[str, Any] | None:
+    """:func:`switch_state` of the worker's draft model (pass to ``LLM.collective_rpc``)."""
+    return switch_state(_drafter_model(worker))
+
+
+def reset_drafter_switch_calls(worker) -> dict[str, int] | None:
+    """:func:`reset_switch_calls` on the worker's draft model (pass to ``LLM.collective_rpc``)."""
+    return reset_switch_calls(_drafter_model(worker))
 
 
 def drafter_slot_weights(worker) -> dict[str, dict[str, torch.Tensor]]:

@@ -1,4 +1,5 @@
-"""The two arms of every A/B here: an FSE-off and an FSE-on OpenAI server on the same model.
+"""The arms of every A/B here: an FSE-off and an FSE-on OpenAI server on the same model, and
+for the sweep optionally a third, ``auto`` (``VLLM_FSE=auto``: fused or split per step).
 
 An arm is an environment on top of the same server arguments. Before an arm is measured, its
 server log must show that every model in it really runs as the arm says (the plugin logs one
@@ -14,8 +15,10 @@ from pathlib import Path
 
 from vllm_fse.server import OpenAIServer
 
-ARM_NAMES = ("off", "on")
-ARM_ENV = {"off": {"VLLM_FSE": "0"}, "on": {"VLLM_FSE": "1"}}
+ARM_NAMES = ("off", "on")  # the default pair; accuracy and profile always compare these
+ALL_ARMS = ("off", "on", "auto")
+ARM_ENV = {"off": {"VLLM_FSE": "0"}, "on": {"VLLM_FSE": "1"}, "auto": {"VLLM_FSE": "auto"}}
+ARM_LABEL = {"off": "FSE=0", "on": "FSE=1", "auto": "auto"}
 SERVED_MODEL_NAME = "fse-bench"
 
 _PLAN_LINE = re.compile(r"vllm-fse: (\w+) FSE (on|off) \(")
@@ -74,17 +77,24 @@ def server_mode(choice: str) -> str:
     return "alternate" if has_accelerator() else "both"
 
 
-def arm_order(index: int) -> tuple[str, ...]:
-    """Alternate which arm goes first so that neither always runs on the warmer machine."""
-    return ARM_NAMES if index % 2 == 0 else ARM_NAMES[::-1]
+def arm_order(index: int, arms: Sequence[str] = ARM_NAMES) -> tuple[str, ...]:
+    """Rotate which arm goes first so that none always runs on the warmer machine (two arms:
+    alternate)."""
+    arms = tuple(arms)
+    k = index % len(arms)
+    return arms[k:] + arms[:k]
 
 
 def arm_environments(
-    both: Mapping[str, str], off: Mapping[str, str], on: Mapping[str, str]
+    both: Mapping[str, str],
+    off: Mapping[str, str],
+    on: Mapping[str, str],
+    auto: Mapping[str, str] | None = None,
+    arms: Sequence[str] = ARM_NAMES,
 ) -> dict[str, dict[str, str]]:
-    """``VLLM_FSE=0``/``1`` per arm, then the environment for both, then each arm's own."""
-    extra = {"off": off, "on": on}
-    return {arm: {**ARM_ENV[arm], **both, **extra[arm]} for arm in ARM_NAMES}
+    """``VLLM_FSE`` per arm, then the environment for all arms, then each arm's own."""
+    extra = {"off": off, "on": on, "auto": auto or {}}
+    return {arm: {**ARM_ENV[arm], **both, **extra[arm]} for arm in arms}
 
 
 def fse_states(log_text: str) -> dict[str, str]:
@@ -93,8 +103,14 @@ def fse_states(log_text: str) -> dict[str, str]:
 
 
 def check_arm(arm: str, log_text: str, log_path: Path) -> dict[str, str]:
-    """The server really runs the arm it stands for: every model of it says FSE ``arm``."""
+    """The server really runs the arm it stands for: every model of it says FSE ``arm`` (the
+    ``auto`` arm: FSE on, with the per-step switch)."""
     states = fse_states(log_text)
+    if arm == "auto" and states:
+        not_auto = [ln for ln in log_text.splitlines() if " FSE on (" in ln and "; auto: " not in ln]
+        if not_auto:
+            raise RuntimeError(f"arm 'auto': a model runs FSE on without the per-step switch (see {log_path})")
+        arm = "on"
     if not states:
         raise RuntimeError(
             f"arm {arm!r}: the server log {log_path} has no vllm-fse plan line; is the model a "

@@ -9,16 +9,7 @@ import platform
 import shlex
 import sys
 
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from vllm_fse.hardware import cpu_isa, cpu_model
 
 
 def _memory_gib() -> float | None:
@@ -58,7 +49,8 @@ def describe_machine() -> dict:
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     torch_version = _version("torch")
     return {
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
+        "cpu_isa": cpu_isa(),
         "cpus_usable": usable,
         "memory_gib": round(_memory_gib() or 0.0, 1),
         "accelerators": _accelerators(),
@@ -74,7 +66,8 @@ def describe_machine() -> dict:
 def machine_line(machine: dict) -> str:
     accel = ", ".join(machine["accelerators"]) or "no GPU"
     return (
-        f"{machine['cpu']} ({machine['cpus_usable']} usable CPUs, {machine['memory_gib']:.0f} GiB), "
+        f"{machine['cpu']} [{' '.join(machine.get('cpu_isa') or []) or 'ISA not recorded'}] "
+        f"({machine['cpus_usable']} usable CPUs, {machine['memory_gib']:.0f} GiB), "
         f"{accel}; {machine['os']}; {machine['vllm_distribution']} {machine['vllm']}, "
         f"torch {machine['torch']}, vllm-fse {machine['vllm_fse']}"
     )

@@ -37,14 +37,14 @@ def cell_tuple(run: dict) -> tuple[int, int, int]:
     return c["input_len"], c["output_len"], c["concurrency"]
 
 
-def paired_cells(runs: list[dict]) -> dict[tuple[int, int, int], dict[str, PairedDelta]]:
-    """Per cell and metric, the paired delta over the repeats where both arms ran."""
+def paired_cells(runs: list[dict], arm: str = "on") -> dict[tuple[int, int, int], dict[str, PairedDelta]]:
+    """Per cell and metric, the paired delta of ``arm`` against off over the repeats where both ran."""
     by_cell: dict[tuple, dict[int, dict[str, dict]]] = defaultdict(lambda: defaultdict(dict))
     for run in runs:
         by_cell[cell_tuple(run)][run["rep"]][run["arm"]] = run["result"]
     cells = {}
     for cell, reps in sorted(by_cell.items()):
-        pairs = [(arms["off"], arms["on"]) for _, arms in sorted(reps.items()) if {"off", "on"} <= arms.keys()]
+        pairs = [(arms["off"], arms[arm]) for _, arms in sorted(reps.items()) if {"off", arm} <= arms.keys()]
         if not pairs:
             continue
         cells[cell] = {
@@ -55,9 +55,10 @@ def paired_cells(runs: list[dict]) -> dict[tuple[int, int, int], dict[str, Paire
 
 
 def _acceptance(pairs: list[tuple[dict, dict]]) -> dict[str, float] | None:
-    """Draft acceptance per arm over the cell's runs (None without speculative decoding)."""
+    """Draft acceptance of off and the compared arm over the cell's runs (None without
+    speculative decoding)."""
     rates = {}
-    for arm, index in (("off", 0), ("on", 1)):
+    for arm, index in (("off", 0), ("arm", 1)):
         drafted = sum(p[index].get("spec_decode_draft_tokens", 0) for p in pairs)
         accepted = sum(p[index].get("spec_decode_accepted_tokens", 0) for p in pairs)
         if drafted:
@@ -71,9 +72,9 @@ def _delta_text(d: PairedDelta) -> str:
     return f"**{text}**" if d.significant else text
 
 
-def seeds_table(cells: dict) -> list[str]:
+def seeds_table(cells: dict, label: str = "FSE=1") -> list[str]:
     """The seed PRs' table: ``A -> B (delta)`` per metric; bold deltas are beyond noise."""
-    header = "| ISL | OSL | MC | " + " | ".join(f"{m.title} FSE=0 -> FSE=1 (Δ)" for m in METRICS) + " |"
+    header = "| ISL | OSL | MC | " + " | ".join(f"{m.title} FSE=0 -> {label} (Δ)" for m in METRICS) + " |"
     lines = [header, "|" + "----:|" * 3 + "".join("---:|" for _ in METRICS)]
     for (isl, osl, mc), deltas in cells.items():
         parts = []
@@ -84,10 +85,10 @@ def seeds_table(cells: dict) -> list[str]:
     return lines
 
 
-def noise_table(cells: dict) -> list[str]:
+def noise_table(cells: dict, arm: str = "on") -> list[str]:
     tpot, out = METRICS[0], METRICS[2]
     lines = [
-        "| ISL | OSL | MC | n | TPOT off [min-max] | TPOT on [min-max] | paired Δ TPOT, 95% CI | verdict | "
+        f"| ISL | OSL | MC | n | TPOT off [min-max] | TPOT {arm} [min-max] | paired Δ TPOT, 95% CI | verdict | "
         "paired Δ output tok/s, 95% CI | verdict |",
         "|----:|----:|---:|--:|---:|---:|---:|:--|---:|:--|",
     ]
@@ -101,39 +102,50 @@ def noise_table(cells: dict) -> list[str]:
     return lines
 
 
-def render_markdown(manifest: dict, cells: dict) -> str:
+ARM_LABEL = {"on": "FSE=1", "auto": "auto"}
+
+
+def _plot_name(arm: str) -> str:
+    return "deltas.png" if arm == "on" else f"deltas-{arm}.png"
+
+
+def render_markdown(manifest: dict, comparisons: dict[str, dict]) -> str:
+    """Every compared arm against off: the seeds' table, the noise table, draft acceptance."""
     from vllm_fse.bench.machine import machine_line
 
     cfg = manifest["config"]
     env = {arm: " ".join(f"{k}={v}" for k, v in e.items()) for arm, e in cfg["arm_env"].items()}
+    arms_text = ", ".join(f"{ARM_LABEL.get(arm, 'FSE=0')} `{env[arm]}`" for arm in env)
+    names = " and ".join(ARM_LABEL[arm] for arm in comparisons)
     lines = [
-        f"# FSE off vs on: `vllm bench serve` sweep, {Path(cfg['model']).name}",
+        f"# FSE off vs {'on' if list(comparisons) == ['on'] else ' and '.join(comparisons)}: "
+        f"`vllm bench serve` sweep, {Path(cfg['model']).name}",
         "",
         f"- Machine: {machine_line(manifest['machine'])}",
-        f"- Arms: FSE=0 `{env['off']}`, FSE=1 `{env['on']}`; servers: {cfg['servers']}",
-        f"- Server arguments (both arms): `{' '.join(cfg['server_args'])}`",
+        f"- Arms: {arms_text}; servers: {cfg['servers']}",
+        f"- Server arguments (all arms): `{' '.join(cfg['server_args'])}`",
         f"- Random dataset, greedy, `--ignore-eos`; prompts per run max({cfg['prompts_per_concurrency']} x MC, "
         f"{cfg['min_prompts']}); {manifest['repeats']} interleaved repeats per cell and arm",
         f"- Command: `{manifest.get('command', '')}`",
         "",
         "Values are medians over the repeats and Δ compares them. **Bold**: the effect is beyond noise, i.e. the "
-        "95% interval of the paired effect (geometric mean of the per-repeat ratios FSE=1/FSE=0, Student t on the "
-        "log ratios) excludes zero; the *Noise* table gives that paired effect and its interval.",
-        "",
-        *seeds_table(cells),
-        "",
-        "## Noise",
-        "",
-        *noise_table(cells),
+        f"95% interval of the paired effect (geometric mean of the per-repeat ratios {names} / FSE=0, Student t on "
+        "the log ratios) excludes zero; the *Noise* table gives that paired effect and its interval.",
     ]
-    spec = {cell: d["_spec"] for cell, d in cells.items() if d["_spec"]}
-    if spec:
-        lines += ["", "## Draft acceptance (speculative decoding)", "",
-                  "| ISL | OSL | MC | FSE=0 | FSE=1 |", "|----:|----:|---:|---:|---:|"]
-        for (isl, osl, mc), rates in spec.items():
-            lines.append(f"| {isl} | {osl} | {mc} | {rates.get('off', 0):.1f}% | {rates.get('on', 0):.1f}% |")
-    lines += ["", "![deltas](deltas.png)", ""]
-    return "\n".join(lines)
+    for arm, cells in comparisons.items():
+        label = ARM_LABEL[arm]
+        heading = "" if len(comparisons) == 1 else f" ({label} vs FSE=0)"
+        if len(comparisons) > 1:
+            lines += ["", f"## {label} vs FSE=0"]
+        lines += ["", *seeds_table(cells, label), "", f"## Noise{heading}", "", *noise_table(cells, arm)]
+        spec = {cell: d["_spec"] for cell, d in cells.items() if d["_spec"]}
+        if spec:
+            lines += ["", f"## Draft acceptance (speculative decoding){heading}", "",
+                      f"| ISL | OSL | MC | FSE=0 | {label} |", "|----:|----:|---:|---:|---:|"]  # fmt: skip
+            for (isl, osl, mc), rates in spec.items():
+                lines.append(f"| {isl} | {osl} | {mc} | {rates.get('off', 0):.1f}% | {rates.get('arm', 0):.1f}% |")
+        lines += ["", f"![deltas {label}]({_plot_name(arm)})"]
+    return "\n".join(lines) + "\n"
 
 
 PLOT_CI_MAX_PCT = 100.0
@@ -143,7 +155,7 @@ def _or(value: float | None, default: float) -> float:
     return default if value is None else value
 
 
-def plot_deltas(cells: dict, title: str, path: Path) -> None:
+def plot_deltas(cells: dict, title: str, path: Path, label: str = "FSE=1") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -163,7 +175,7 @@ def plot_deltas(cells: dict, title: str, path: Path) -> None:
         ax.axhline(0, color="grey", linewidth=0.8)
         ax.set_xscale("log", base=2)
         better = "lower is better" if metric.lower_is_better else "higher is better"
-        ax.set_title(f"{metric.title}: FSE=1 vs FSE=0 ({better})", fontsize=10)
+        ax.set_title(f"{metric.title}: {label} vs FSE=0 ({better})", fontsize=10)
         ax.set_ylabel("Δ %")
         ax.grid(True, alpha=0.3)
     for ax in axes[1]:
@@ -177,24 +189,31 @@ def plot_deltas(cells: dict, title: str, path: Path) -> None:
     plt.close(fig)
 
 
+def _cells_summary(cells: dict) -> list[dict]:
+    return [
+        {"input_len": isl, "output_len": osl, "concurrency": mc,
+         "acceptance_pct": d["_spec"],
+         **{m.key: {**asdict(d[m.key]), "verdict": d[m.key].verdict(m.lower_is_better)} for m in METRICS}}
+        for (isl, osl, mc), d in cells.items()
+    ]  # fmt: skip
+
+
 def write_report(out: Path) -> Path:
     manifest = json.loads((out / "sweep.json").read_text())
-    cells = paired_cells(load_runs(out))
-    if not cells:
-        raise SystemExit(f"{out}: no cell has both arms yet")
-    summary = {
-        "manifest": manifest,
-        "cells": [
-            {"input_len": isl, "output_len": osl, "concurrency": mc,
-             "acceptance_pct": d["_spec"],
-             **{m.key: {**asdict(d[m.key]), "verdict": d[m.key].verdict(m.lower_is_better)} for m in METRICS}}
-            for (isl, osl, mc), d in cells.items()
-        ],
-    }  # fmt: skip
+    arms = manifest["config"].get("arms") or ["off", "on"]
+    runs = load_runs(out)
+    comparisons = {arm: cells for arm in arms if arm != "off" and (cells := paired_cells(runs, arm))}
+    if not comparisons:
+        raise SystemExit(f"{out}: no cell has off and another arm yet")
+    summary = {"manifest": manifest, "comparisons": {arm: _cells_summary(c) for arm, c in comparisons.items()}}
+    if "on" in comparisons:
+        summary["cells"] = summary["comparisons"]["on"]  # the off-vs-on table, as before --arms
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    plot_deltas(cells, f"FSE off vs on, {Path(manifest['config']['model']).name}", out / "deltas.png")
+    model = Path(manifest["config"]["model"]).name
+    for arm, cells in comparisons.items():
+        plot_deltas(cells, f"FSE off vs {arm}, {model}", out / _plot_name(arm), ARM_LABEL[arm])
     path = out / "summary.md"
-    path.write_text(render_markdown(manifest, cells))
+    path.write_text(render_markdown(manifest, comparisons))
     return path
 
 

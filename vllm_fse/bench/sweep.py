@@ -25,11 +25,12 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from vllm_fse.bench.arms import (
+    ALL_ARMS,
     ARM_NAMES,
     SERVED_MODEL_NAME,
     ArmServers,
@@ -37,6 +38,7 @@ from vllm_fse.bench.arms import (
     add_server_arguments,
     arm_environments,
     arm_order,
+    parse_env,
     resolve_model,
     server_mode,
 )
@@ -78,16 +80,16 @@ def grid(io_pairs: list[tuple[int, int]], concurrencies: list[int]) -> list[Cell
     return [Cell(isl, osl, mc) for isl, osl in io_pairs for mc in concurrencies]
 
 
-def schedule(cells: list[Cell], repeats: int, servers: str) -> list[Run]:
-    """The order of all runs. ``both``: arms alternate within each cell; ``alternate``: per
-    repeat, one arm's server runs the whole grid, then the other's (order alternating)."""
+def schedule(cells: list[Cell], repeats: int, servers: str, arms: Sequence[str] = ARM_NAMES) -> list[Run]:
+    """The order of all runs. ``both``: arms take turns within each cell; ``alternate``: per
+    repeat, one arm's server runs the whole grid, then the next's (order rotating)."""
     runs = []
     for rep in range(repeats):
         if servers == "both":
             for i, cell in enumerate(cells):
-                runs += [Run(rep, cell, arm) for arm in arm_order(rep + i)]
+                runs += [Run(rep, cell, arm) for arm in arm_order(rep + i, arms)]
         else:
-            for arm in arm_order(rep):
+            for arm in arm_order(rep, arms):
                 runs += [Run(rep, cell, arm) for cell in cells]
     return runs
 
@@ -114,6 +116,10 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-warmups", type=int, default=1, help="warm-up requests before each run")
     parser.add_argument("--seed", type=int, default=0, help="prompt seed of repeat 0; repeat N uses seed+N")
     add_server_arguments(parser)
+    parser.add_argument("--arms", nargs="+", choices=ALL_ARMS, default=list(ARM_NAMES),
+                        help="arms to compare with off (default: off on; add auto for VLLM_FSE=auto)")
+    parser.add_argument("--env-auto", type=parse_env, action="append", default=[], metavar="KEY=VALUE",
+                        help="environment of the auto server only")
     parser.add_argument("--overwrite", action="store_true",
                         help="discard results in --out that were made with a different configuration")
 
@@ -131,11 +137,14 @@ class SweepConfig:
     server_args: list[str]
     arm_env: dict[str, dict[str, str]]
     servers: str
+    arms: list[str] = field(default_factory=lambda: list(ARM_NAMES))
 
     def identity(self) -> dict:
         """What must match for old runs to be reused (repeats may grow)."""
         data = asdict(self)
         data.pop("repeats")
+        if data["arms"] == list(ARM_NAMES):  # sweeps from before --arms
+            data.pop("arms")
         return data
 
 
@@ -151,7 +160,8 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
         *(["--dtype", dtype] if dtype else []),
         *args.server_arg,
     ]  # fmt: skip
-    arm_env = arm_environments(dict(args.env), dict(args.env_off), dict(args.env_on))
+    arms = list(dict.fromkeys(["off", *args.arms]))  # off is the reference of every comparison
+    arm_env = arm_environments(dict(args.env), dict(args.env_off), dict(args.env_on), dict(args.env_auto), arms)
     return SweepConfig(
         model=model,
         tokenizer=args.tokenizer or model,
@@ -164,6 +174,7 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
         server_args=server_args,
         arm_env=arm_env,
         servers=server_mode(args.servers),
+        arms=arms,
     )
 
 
@@ -268,17 +279,17 @@ def _fmt_s(seconds: float) -> str:
 
 
 def pending_runs(config: SweepConfig, out: Path) -> Iterator[Run]:
-    for run in schedule(config.cells, config.repeats, config.servers):
+    for run in schedule(config.cells, config.repeats, config.servers, config.arms):
         if not run.path(out).exists():
             yield run
 
 
 def run_sweep(config: SweepConfig, out: Path, startup_timeout_s: float = 1800.0, overwrite: bool = False) -> Path:
     prepare_out_dir(out, config, overwrite)
-    total = len(schedule(config.cells, config.repeats, config.servers))
+    total = len(schedule(config.cells, config.repeats, config.servers, config.arms))
     todo = list(pending_runs(config, out))
     done_before = total - len(todo)
-    print(f"sweep: {len(config.cells)} cells x 2 arms x {config.repeats} repeats = {total} runs; "
+    print(f"sweep: {len(config.cells)} cells x {len(config.arms)} arms x {config.repeats} repeats = {total} runs; "
           f"{done_before} already in {out}, {len(todo)} to run", flush=True)
     servers = ArmServers(config.model, config.server_args, config.arm_env, out / "logs", startup_timeout_s)
     write_manifest(out, config, {})
@@ -288,7 +299,7 @@ def run_sweep(config: SweepConfig, out: Path, startup_timeout_s: float = 1800.0,
         (out / "logs").mkdir(exist_ok=True)
         with open(out / "logs" / "bench.log", "a") as log:  # the benchmark's own printout
             for run in todo:
-                servers.ensure(ARM_NAMES if config.servers == "both" else (run.arm,))
+                servers.ensure(config.arms if config.servers == "both" else (run.arm,))
                 t0 = time.monotonic()
                 result = run_benchmark(config, run, servers.url(run.arm), log)
                 _write_json(run.path(out), {"rep": run.rep, "arm": run.arm, "cell": asdict(run.cell),
@@ -297,7 +308,7 @@ def run_sweep(config: SweepConfig, out: Path, startup_timeout_s: float = 1800.0,
                 elapsed = time.monotonic() - started
                 eta = sum(run_seconds) / len(run_seconds) * (len(todo) - len(run_seconds))  # runs only
                 print(
-                    f"[{done_before + len(run_seconds)}/{total}] rep {run.rep} {run.cell.key} {run.arm:>3}: "
+                    f"[{done_before + len(run_seconds)}/{total}] rep {run.rep} {run.cell.key} {run.arm:>4}: "
                     f"TPOT {result['mean_tpot_ms']:.2f} ms, p99 {result['p99_tpot_ms']:.2f} ms, "
                     f"out {result['output_throughput']:.1f} tok/s ({run_seconds[-1]:.0f}s) | "
                     f"elapsed {_fmt_s(elapsed)}, ETA {_fmt_s(eta)}",

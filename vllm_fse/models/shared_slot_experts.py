@@ -39,6 +39,7 @@ from vllm.forward_context import get_forward_context
 from vllm.utils.torch_utils import direct_register_custom_op
 
 from vllm_fse.compat import cache_dir, logger
+from vllm_fse.hardware import cpu_description
 
 ALWAYS = sys.maxsize
 # Calibration: stop climbing the ladder once split has won this many points in a row, or once
@@ -220,28 +221,11 @@ class SharedSlotExperts:
 # -- resolving the switch point -------------------------------------------------------------------
 
 
-# CPU features that change which kernels vLLM and oneDNN run (and so the timings).
-_CPU_ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "asimd", "sve")
-
-
 def device_description(device: torch.device) -> str:
-    """The device model, and on CPU its ISA features: the same CPU name comes with and without
-    AVX-512 on cloud machines, and bf16 GEMMs differ by 5x between them."""
+    """The device model, on CPU with its vector ISA features (see :mod:`vllm_fse.hardware`)."""
     if device.type != "cpu":
         return f"{device.type}:{torch.cuda.get_device_name(device)}"
-    name, flags = "cpu", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and name == "cpu":
-                name = value.strip()
-            elif key.strip() in ("flags", "Features") and not flags:
-                flags = set(value.split())
-    except OSError:
-        import platform
-
-        name = platform.processor() or name
-    return f"{name} [{' '.join(f for f in _CPU_ISA_FLAGS if f in flags) or 'no vector ISA flags read'}]"
+    return cpu_description()
 
 
 def cache_key(layer: SharedSlotExperts, x: torch.Tensor) -> str:

@@ -1,0 +1,161 @@
+"""``VLLM_FSE=auto`` on the real vLLM CPU engine, in vLLM's default (compiled) mode: lossless on
+both sides of the switch point, both paths really run (counted in the live model), tensor
+parallel ranks agree, the MTP draft switches too, the measured switch point is cached, and bad
+values of the plugin's variables stop the engine with a message naming them.
+
+A small forced switch point (``VLLM_FSE_FUSED_MAX_TOKENS=4``) makes prefill steps (the prompts
+are longer than 4 tokens) run split and decode steps of the 4 prompts run fused.
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import DEFAULT_PROMPTS, SCORE_TEXTS, engine_run, run_engines
+from equivalence import compare_outputs, compare_scores
+
+from vllm_fse.tiny_model import PRESETS
+
+pytestmark = pytest.mark.e2e
+
+SWITCH = {"VLLM_FSE": "auto", "VLLM_FSE_FUSED_MAX_TOKENS": "4"}
+COMPILED = {"enforce_eager": False}
+N_SHARED = 2
+assert len(DEFAULT_PROMPTS) == 4
+
+
+def _switch_runs(model, dtype: str, tp: int) -> list[dict]:
+    common = dict(dtype=dtype, score_texts=SCORE_TEXTS, tensor_parallel_size=tp, **COMPILED)
+    return [
+        engine_run(model, env={"VLLM_FSE": "0"}, **common),
+        engine_run(
+            model,
+            env=SWITCH,
+            probes=("describe_model", "reset_switch_calls"),
+            after_probes=("switch_state",),
+            **common,
+        ),
+    ]
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["tp1", "tp2"])
+def switched(request, tiny_model, tmp_path_factory):
+    """{dtype: (off, auto)} for one tensor-parallel size (fp32 at TP 1, bf16 at TP 2: compiled
+    engines are slow to start, and the dtype does not change which path runs)."""
+    tp = request.param
+    model = tiny_model("tiny", n_shared_experts=N_SHARED, routed_scaling_factor=2.5)
+    dtypes = ("float32",) if tp == 1 else ("bfloat16",)
+    runs = [run for dtype in dtypes for run in _switch_runs(model, dtype, tp)]
+    results = run_engines(runs, tmp_path_factory.mktemp(f"auto-tp{tp}"))
+    for result in results:
+        assert "error" not in result, result["traceback"]
+    return tp, {dtype: (results[2 * i], results[2 * i + 1]) for i, dtype in enumerate(dtypes)}
+
+
+def test_auto_is_lossless_on_both_sides_of_the_switch_point(switched):
+    _, by_dtype = switched
+    for dtype, (off, auto) in by_dtype.items():
+        compare_outputs(off["outputs"], auto["outputs"], dtype)  # prefill split, decode fused
+        compare_scores(off["scores"], auto["scores"], dtype)  # long prompts: split
+
+
+def test_both_paths_ran_and_every_rank_took_the_same_ones(switched):
+    tp, by_dtype = switched
+    for dtype, (_, auto) in by_dtype.items():
+        states = auto["after:switch_state"]
+        assert len(states) == tp
+        for state in states:
+            assert state["auto"] and state["fused_max_tokens"] == 4
+            assert state["source"] == "VLLM_FSE_FUSED_MAX_TOKENS=4"
+            assert state["describe"] == "auto: fused for steps of <= 4 tokens, split above (VLLM_FSE_FUSED_MAX_TOKENS=4)"
+            # Per MoE layer call during generation and scoring: decode fused, prefill split.
+            assert state["calls"]["fused"] > 0 and state["calls"]["split"] > 0, (dtype, state)
+        assert all(s["calls"] == states[0]["calls"] for s in states), states
+
+
+def test_auto_model_holds_the_fused_layer_and_a_split_mlp(switched):
+    _, by_dtype = switched
+    tiny = PRESETS["tiny"]
+    for _, auto in by_dtype.values():
+        for rank in auto["describe_model"]:
+            assert rank["fse_path"] == "BACKEND_NEUTRAL"
+            for layer in rank["moe_layers"]:
+                assert layer["has_shared_experts_mlp"] is False and layer["has_split_mlp"] is True
+                assert layer["w13_shape"][0] == tiny.n_routed_experts + N_SHARED
+                assert layer["shared_slot_weight"] == pytest.approx(1 / 2.5)
+
+
+def test_the_plan_line_states_the_switch_point_and_the_split_copy(switched):
+    _, by_dtype = switched
+    for _, auto in by_dtype.values():
+        assert "requested by VLLM_FSE=auto" in auto["log"]
+        assert "auto: fused for steps of <= 4 tokens, split above (VLLM_FSE_FUSED_MAX_TOKENS=4); split path: one " \
+               "dense shared-expert copy per MoE layer," in auto["log"]  # fmt: skip
+
+
+def test_mtp_draft_switches_too_and_decoding_stays_lossless(tiny_model, tmp_path):
+    model = tiny_model("tiny-mtp", n_shared_experts=N_SHARED)
+    mtp = {"speculative_config": {"method": "mtp", "num_speculative_tokens": 2}}
+    common = dict(max_tokens=24, metrics=True, disable_log_stats=False, **COMPILED)
+    # Speculative decoding with FSE off equals plain decoding (tests/test_mtp.py).
+    off, auto = run_engines(
+        [
+            engine_run(model, env={"VLLM_FSE": "0"}, **common, **mtp),
+            engine_run(
+                model,
+                env=SWITCH,
+                worker_probes=("reset_drafter_switch_calls",),
+                after_worker_probes=("drafter_switch_state",),
+                probes=("reset_switch_calls",),
+                after_probes=("switch_state",),
+                **common,
+                **mtp,
+            ),
+        ],
+        tmp_path,
+    )
+    for result in (off, auto):
+        assert "error" not in result, result["traceback"]
+    assert [o["token_ids"] for o in auto["outputs"]] == [o["token_ids"] for o in off["outputs"]]
+    accepted = "vllm:spec_decode_num_accepted_tokens"
+    assert auto["metrics"][accepted] == off["metrics"][accepted] > 0
+    (target,) = auto["after:switch_state"]
+    (draft,) = auto["after:drafter_switch_state"]
+    # Target: verify steps carry 4 x 3 tokens (split); draft: 4-token proposal steps (fused),
+    # and its pass over the prompts (split).
+    for state in (target, draft):
+        assert state["fused_max_tokens"] == 4
+        assert state["calls"]["split"] > 0, state
+    assert draft["calls"]["fused"] > 0, draft
+
+
+def test_measured_switch_point_is_cached_and_reused(tiny_model, tmp_path):
+    model = tiny_model("tiny")
+    cache = tmp_path / "cache"
+    env = {"VLLM_FSE": "auto", "VLLM_FSE_CACHE": str(cache)}
+    first, second = run_engines(
+        [engine_run(model, env=env, after_probes=("switch_state",), max_tokens=4) for _ in range(2)], tmp_path
+    )
+    for result in (first, second):
+        assert "error" not in result, result["traceback"]
+    (measured,), (cached,) = first["after:switch_state"], second["after:switch_state"]
+    assert measured["source"].startswith("measured at startup in ") and str(cache) in measured["source"]
+    assert cached["source"] == f"cached in {cache / 'switch-points.json'}"
+    assert cached["fused_max_tokens"] == measured["fused_max_tokens"]
+    assert cached["measured"] == measured["measured"] and measured["measured"][0]["tokens"] == 1
+    assert cached["resolve_s"] < 1.0
+    assert (cache / "switch-points.json").is_file()
+
+
+BAD_VALUES = [
+    ({"VLLM_FSE": "yes"}, "VLLM_FSE='yes' is not accepted: use 0 (unfused), 1 (always fused) or auto"),
+    (
+        {"VLLM_FSE": "auto", "VLLM_FSE_FUSED_MAX_TOKENS": "1e9x"},
+        "VLLM_FSE_FUSED_MAX_TOKENS='1e9x' is not accepted: use a whole number of tokens >= 0",
+    ),
+]
+
+
+def test_bad_values_stop_the_engine_with_the_variable_named(tiny_model, tmp_path):
+    results = run_engines([engine_run(tiny_model("tiny"), env=env) for env, _ in BAD_VALUES], tmp_path)
+    for (_, message), result in zip(BAD_VALUES, results):
+        assert result.get("error", "").startswith("FseSettingError: " + message), result.get("error")

@@ -1,0 +1,378 @@
+"""``vllm-fse bench crossover``: fused vs split shared experts, paired inside one engine.
+
+Between processes this machine's noise is about ±10%, far above the 1-2% at stake. Under
+``VLLM_FSE=auto`` one engine holds both paths on the same weights, and its switch point can be
+moved while it runs, so the paths are compared step against step:
+
+1. **MoE layer**: one live MoE layer's fused and split calls, timed interleaved at a ladder of
+   token counts (decode sizes and prefill sizes), next to what the startup calibration chose;
+2. **engine step**: the engine's decode steps at each batch size and its prefill steps at each
+   token count, run in rounds that each time the three modes back to back (order rotating):
+   ``fused`` (every step fused, = ``VLLM_FSE=1``), ``split`` (every step split: vLLM's unfused
+   computation, = ``VLLM_FSE=0``) and ``auto`` (the calibrated switch point).
+   Ratios are paired per round: fused/split, and auto/split, the step-time ratio of auto to off;
+3. **check against FSE off** (``--confirm-off``): a second engine, built with ``VLLM_FSE=0`` in
+   the same process, interleaved with the split mode at the decode batch sizes, confirms that
+   split costs what off costs.
+
+Output in ``--out``: ``crossover.json`` (everything), ``crossover.md`` (tables) and
+``crossover.png`` (cost of fused and split per MoE call against token count, with the switch point).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+
+from vllm_fse.bench.arms import add_model_arguments, resolve_model
+from vllm_fse.bench.machine import command_line, describe_machine, machine_line
+from vllm_fse.bench.stats import paired_delta
+
+MODES = ("fused", "split", "auto")
+ALWAYS = 2**62
+
+
+# -- functions run inside the worker on the live model (LLM.apply_model) ---------------------------
+
+
+def _switch(model):
+    switch = getattr(model, "fse_switch", None)
+    if switch is None or not switch.auto:
+        raise RuntimeError("vllm-fse bench crossover needs a model built with VLLM_FSE=auto")
+    return switch
+
+
+def set_fused_max_tokens(model, value: int | None) -> int:
+    """Move the live model's switch point (None: back to the calibrated one); returns the old."""
+    switch = _switch(model)
+    if not hasattr(switch, "bench_calibrated"):
+        switch.bench_calibrated = switch.fused_max_tokens
+    old = switch.fused_max_tokens
+    switch.fused_max_tokens = switch.bench_calibrated if value is None else value
+    return old
+
+
+def time_moe_layer(model, sizes: list[int], reps: int) -> list[dict]:
+    """Fused and split call times of the model's first MoE layer at each token count."""
+    import torch
+
+    from vllm_fse.models.shared_slot_experts import time_paths
+
+    _switch(model)
+    slots = next(m.fse_shared_slots for m in model.modules() if hasattr(m, "fse_shared_slots"))
+    cfg = slots.runner.moe_config
+    like_x = torch.empty(1, cfg.hidden_dim, dtype=next(slots.split_mlp.parameters()).dtype)
+    like_ids = torch.empty(1, cfg.experts_per_token - slots.n_shared, dtype=torch.int32)
+    rows = []
+    for tokens in sizes:
+        with torch.inference_mode():  # as in a forward (the slot buffers are inference tensors)
+            samples = [time_paths(slots, tokens, like_x, like_ids, reps=1) for _ in range(reps)]
+        fused = [f * 1e6 for f, _ in samples]
+        split = [s * 1e6 for _, s in samples]
+        rows.append({"tokens": tokens, "fused_us": fused, "split_us": split})
+    return rows
+
+
+# -- the parent: one process, the engines in it -----------------------------------------------------
+
+
+def add_crossover_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="results directory")
+    add_model_arguments(parser, preset="bench")
+    parser.add_argument("--decode-batch", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    parser.add_argument("--prefill-tokens", type=int, nargs="+", default=[256, 1024, 4096, 8192],
+                        help="tokens per prefill step (split into requests of at most --prefill-request-len)")
+    parser.add_argument("--prefill-request-len", type=int, default=2048)
+    parser.add_argument("--layer-sizes", type=int, nargs="+",
+                        default=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192],
+                        help="token counts of the MoE-layer timing")
+    parser.add_argument("--layer-reps", type=int, default=7)
+    parser.add_argument("--input-len", type=int, default=128, help="prompt tokens of the decode requests")
+    parser.add_argument("--steps", type=int, default=8, help="timed decode steps per mode and round")
+    parser.add_argument("--rounds", type=int, default=6, help="rounds of (fused, split, auto) at each size")
+    parser.add_argument("--prefill-rounds", type=int, default=4)
+    parser.add_argument("--confirm-off", action="store_true",
+                        help="also build an FSE-off engine and interleave it with split at the decode batch sizes")
+    parser.add_argument("--eager", action="store_true", help="enforce eager mode (default: vLLM's default)")
+
+
+def _build_engine(args, model: str, dtype: str | None, fse: str):
+    from vllm import LLM
+
+    os.environ["VLLM_FSE"] = fse
+    max_batch = max(args.decode_batch + [math.ceil(t / args.prefill_request_len) for t in args.prefill_tokens])
+    max_tokens = max(args.prefill_tokens + [args.input_len * max(args.decode_batch), 2048])
+    total_steps = 8 + args.rounds * len(MODES) * args.steps + 16
+    return LLM(
+        model=model,
+        dtype=dtype or "auto",
+        max_model_len=max(args.prefill_request_len, args.input_len + total_steps) + 16,
+        max_num_seqs=max_batch,
+        max_num_batched_tokens=max_tokens,
+        enforce_eager=args.eager,
+        enable_prefix_caching=False,
+        distributed_executor_backend="uni",
+        seed=0,
+    )
+
+
+class _Requests:
+    """Deterministic prompt token ids and request bookkeeping on an engine."""
+
+    def __init__(self, llm) -> None:
+        self.engine = llm.llm_engine
+        self.vocab = self.engine.model_config.get_vocab_size()
+        self.count = 0
+
+    def add(self, n: int, length: int, max_tokens: int) -> list[str]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        ids = []
+        for _ in range(n):
+            self.count += 1
+            rid = f"r{self.count}"
+            tokens = [(17 * self.count + 31 * j + 7) % (self.vocab - 16) + 16 for j in range(length)]
+            self.engine.add_request(rid, {"prompt_token_ids": tokens}, params)
+            ids.append(rid)
+        return ids
+
+    def drain(self, ids: list[str]) -> None:
+        self.engine.abort_request(ids)
+        while self.engine.has_unfinished_requests():
+            self.engine.step()
+
+    def timed_step(self) -> float:
+        t0 = time.perf_counter()
+        self.engine.step()
+        return time.perf_counter() - t0
+
+
+def _mode_value(mode: str) -> int | None:
+    return {"fused": ALWAYS, "split": 0, "auto": None}[mode]
+
+
+def _rotate(items: tuple[str, ...], k: int) -> tuple[str, ...]:
+    k %= len(items)
+    return items[k:] + items[:k]
+
+
+def measure_decode(llm, reqs: _Requests, args, batch: int, off_llm=None, off_reqs=None) -> dict:
+    """Per round and mode, the median of ``--steps`` decode steps at ``batch``."""
+    total = 8 + args.rounds * len(MODES) * args.steps + 8
+    ids = reqs.add(batch, args.input_len, total)
+    reqs.engine.step()  # prefill (one step)
+    off_ids = []
+    if off_llm is not None:
+        off_ids = off_reqs.add(batch, args.input_len, total)
+        off_reqs.engine.step()
+    for _ in range(4):  # warm up
+        reqs.engine.step()
+        if off_llm is not None:
+            off_reqs.engine.step()
+    arms = MODES + (("off",) if off_llm is not None else ())
+    per_round: dict[str, list[float]] = {m: [] for m in arms}
+    for rnd in range(args.rounds):
+        for arm in _rotate(arms, rnd):
+            if arm == "off":
+                times = [off_reqs.timed_step() for _ in range(args.steps)]
+            else:
+                llm.apply_model(functools.partial(set_fused_max_tokens, value=_mode_value(arm)))
+                times = [reqs.timed_step() for _ in range(args.steps)]
+            per_round[arm].append(statistics.median(times) * 1e3)
+    llm.apply_model(functools.partial(set_fused_max_tokens, value=None))
+    reqs.drain(ids)
+    if off_llm is not None:
+        off_reqs.drain(off_ids)
+    return per_round
+
+
+def measure_prefill(llm, reqs: _Requests, args, tokens: int) -> dict:
+    """Per round and mode, the time of one prefill step of ``tokens`` tokens."""
+    n = math.ceil(tokens / args.prefill_request_len)
+    lengths = [tokens // n + (1 if i < tokens % n else 0) for i in range(n)]
+    per_round: dict[str, list[float]] = {m: [] for m in MODES}
+    for rnd in range(args.prefill_rounds + 1):  # round 0 warms up
+        for mode in _rotate(MODES, rnd):
+            llm.apply_model(functools.partial(set_fused_max_tokens, value=_mode_value(mode)))
+            ids = [rid for length in lengths for rid in reqs.add(1, length, 1)]
+            elapsed = reqs.timed_step()
+            reqs.drain(ids)
+            if rnd:
+                per_round[mode].append(elapsed * 1e3)
+    llm.apply_model(functools.partial(set_fused_max_tokens, value=None))
+    return per_round
+
+
+def _ratios(per_round: dict[str, list[float]]) -> dict:
+    out = {}
+    for name, (a, b) in {"fused/split": ("split", "fused"), "auto/split": ("split", "auto"),
+                         "split/off": ("off", "split")}.items():  # fmt: skip
+        if a in per_round and b in per_round:
+            d = paired_delta(per_round[a], per_round[b])
+            ci = None if d.ci_low_pct is None else [1 + d.ci_low_pct / 100, 1 + d.ci_high_pct / 100]
+            out[name] = {"ratio": 1 + d.delta_pct / 100, "ci": ci, "significant": d.significant}
+    return out
+
+
+def run(args: argparse.Namespace) -> Path:
+    import gc
+
+    from vllm_fse.introspect import switch_state
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, dtype = resolve_model(args.model, args.preset, args.dtype)
+    started = time.perf_counter()
+    llm = _build_engine(args, model, dtype, "auto")
+    startup_s = time.perf_counter() - started
+    # In eager mode vLLM's CPU start-up runs no forward: the first request resolves the switch.
+    llm.generate([{"prompt_token_ids": [16, 17, 18]}], use_tqdm=False)
+    [calibration] = llm.apply_model(switch_state)
+    print(f"engine up in {startup_s:.0f} s; {calibration['describe']}", flush=True)
+    off_llm = _build_engine(args, model, dtype, "0") if args.confirm_off else None
+    result = {
+        "meta": {"command": command_line(), "machine": describe_machine(), "model": model, "dtype": dtype,
+                 "args": {k: v for k, v in vars(args).items() if k != "func"}, "startup_s": startup_s},
+        "calibration": calibration,
+    }  # fmt: skip
+    [result["layer"]] = llm.apply_model(functools.partial(time_moe_layer, sizes=args.layer_sizes, reps=args.layer_reps))
+    print("MoE layer timed", flush=True)
+    reqs = _Requests(llm)
+    off_reqs = _Requests(off_llm) if off_llm is not None else None
+    result["decode"] = {}
+    for batch in args.decode_batch:
+        per_round = measure_decode(llm, reqs, args, batch, off_llm, off_reqs)
+        result["decode"][batch] = {"step_ms": per_round, "ratios": _ratios(per_round)}
+        print(f"decode batch {batch}: {_short(result['decode'][batch])}", flush=True)
+    result["prefill"] = {}
+    for tokens in args.prefill_tokens:
+        per_round = measure_prefill(llm, reqs, args, tokens)
+        result["prefill"][tokens] = {"step_ms": per_round, "ratios": _ratios(per_round)}
+        print(f"prefill {tokens} tokens: {_short(result['prefill'][tokens])}", flush=True)
+    del llm, off_llm
+    gc.collect()
+    (out / "crossover.json").write_text(json.dumps(result, indent=1, default=str))
+    (out / "crossover.md").write_text(render_markdown(result))
+    plot_crossover(result, out / "crossover.png")
+    print(f"results in {out}", flush=True)
+    return out
+
+
+def _ratio_text(r: dict) -> str:
+    ci = "no CI" if r["ci"] is None else f"{r['ci'][0]:.3f}, {r['ci'][1]:.3f}"
+    return f"{r['ratio']:.3f} [{ci}]"
+
+
+def _short(entry: dict) -> str:
+    return ", ".join(f"{k} {_ratio_text(v)}" for k, v in entry["ratios"].items())
+
+
+def _ratio_cell(entry: dict, name: str) -> str:
+    r = entry["ratios"].get(name)
+    if r is None:
+        return "-"
+    return f"**{_ratio_text(r)}**" if r["significant"] else _ratio_text(r)
+
+
+def render_markdown(result: dict) -> str:
+    meta, cal = result["meta"], result["calibration"]
+    lines = [
+        f"# Fused vs split shared experts, paired in one engine: {Path(meta['model']).name}",
+        "",
+        f"- machine: {machine_line(meta['machine'])}",
+        f"- command: `{meta['command']}`",
+        f"- dtype {meta['dtype']}, {'eager' if meta['args']['eager'] else 'compiled (vLLM default)'}; "
+        f"engine start {meta['startup_s']:.0f} s",
+        f"- calibration: {cal['describe']}; it took {cal['resolve_s']:.1f} s",
+        "",
+        "Step-time ratios are geometric means of per-round paired ratios with 95% intervals; **bold** "
+        "excludes 1. `auto/split` is the step time of `VLLM_FSE=auto` over unfused (split runs vLLM's "
+        "unfused computation); `split/off` checks that against an FSE-off engine.",
+        "",
+        "## Decode steps",
+        "",
+        "| batch | fused ms | split ms | auto ms | fused/split | auto/split | split/off |",
+        "|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for batch, entry in result["decode"].items():
+        med = {m: statistics.median(v) for m, v in entry["step_ms"].items()}
+        lines.append(f"| {batch} | {med['fused']:.2f} | {med['split']:.2f} | {med['auto']:.2f} | "
+                     f"{_ratio_cell(entry, 'fused/split')} | {_ratio_cell(entry, 'auto/split')} | "
+                     f"{_ratio_cell(entry, 'split/off')} |")  # fmt: skip
+    lines += ["", "## Prefill steps", "", "| tokens | fused ms | split ms | auto ms | fused/split | auto/split |",
+              "|--:|--:|--:|--:|--:|--:|"]  # fmt: skip
+    for tokens, entry in result["prefill"].items():
+        med = {m: statistics.median(v) for m, v in entry["step_ms"].items()}
+        lines.append(f"| {tokens} | {med['fused']:.1f} | {med['split']:.1f} | {med['auto']:.1f} | "
+                     f"{_ratio_cell(entry, 'fused/split')} | {_ratio_cell(entry, 'auto/split')} |")  # fmt: skip
+    lines += ["", "## One MoE layer call (median us)", "", "| tokens | fused | split | split - fused |", "|--:|--:|--:|--:|"]
+    for row in result["layer"]:
+        f, s = statistics.median(row["fused_us"]), statistics.median(row["split_us"])
+        lines.append(f"| {row['tokens']} | {f:.0f} | {s:.0f} | {s - f:+.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_crossover(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["layer"]
+    tokens = [r["tokens"] for r in rows]
+    fig, (ax, rel) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
+    for name, color in (("fused", "tab:blue"), ("split", "tab:orange")):
+        med = [statistics.median(r[f"{name}_us"]) for r in rows]
+        ax.plot(tokens, med, "o-", color=color, label=f"{name} (live layer)")
+    cal = result["calibration"]
+    if cal.get("measured"):
+        ct = [m["tokens"] for m in cal["measured"]]
+        ax.plot(ct, [m["fused_us"] for m in cal["measured"]], "x", color="tab:blue", alpha=0.6, label="fused (startup calibration)")
+        ax.plot(ct, [m["split_us"] for m in cal["measured"]], "x", color="tab:orange", alpha=0.6, label="split (startup calibration)")
+    switch = cal.get("fused_max_tokens")
+    for axis in (ax, rel):
+        if switch:
+            axis.axvline(switch, color="gray", linestyle="--")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_ylabel("us per MoE layer call")
+    ax.set_title(f"Fused vs split shared experts: {Path(result['meta']['model']).name}\n{cal['describe']}", fontsize=9)
+    ax.legend(fontsize=8)
+    rel.plot(tokens, [statistics.median(r["fused_us"]) / statistics.median(r["split_us"]) for r in rows], "o-",
+             color="tab:blue", label="MoE layer: fused / split")  # fmt: skip
+    for label, section, key in (("decode step", "decode", "fused/split"), ("prefill step", "prefill", "fused/split"),
+                                ("decode step auto/off", "decode", "auto/split"), ("prefill step auto/off", "prefill", "auto/split")):  # fmt: skip
+        pts = [(int(k), v["ratios"][key]) for k, v in result[section].items() if key in v["ratios"]]
+        if pts:
+            xs = [p[0] for p in pts]
+            ys = [p[1]["ratio"] for p in pts]
+            cis = [p[1]["ci"] or [y, y] for y, p in zip(ys, pts)]
+            err = [[y - ci[0] for y, ci in zip(ys, cis)], [ci[1] - y for y, ci in zip(ys, cis)]]
+            rel.errorbar(xs, ys, yerr=err, fmt="s--" if "auto" in label else "s-", capsize=3, label=label)
+    rel.axhline(1.0, color="black", linewidth=0.8)
+    rel.set_xlabel("tokens in the step (decode: batch size)")
+    rel.set_ylabel("time ratio")
+    rel.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vllm-fse bench crossover", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    add_crossover_arguments(parser)
+    args = parser.parse_args(argv)
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
