@@ -29,6 +29,7 @@ from vllm_fse.compat import logger
 from vllm_fse.decision import FsePath, FsePlan, FseSwitch, plan_fse
 from vllm_fse.loading import SharedExpertLayout, SlotTracker, split_shared_experts
 from vllm_fse.models.shared_slot_experts import SharedSlotExperts, SwitchPoint
+from vllm_fse.patches import resolve_widened_moe_configs
 
 # The MoE block's module that holds the dense shared-expert MLP of the split path (VLLM_FSE=auto).
 SPLIT_MLP = "fse_split_mlp"
@@ -111,6 +112,7 @@ def _backend_neutral_factory(
                 "so the shared slots cannot be appended; run with VLLM_FSE=0 or pick a modular "
                 "MoE backend (--moe-backend)"
             )
+        resolve_widened_moe_configs(num_experts + n_shared_experts, num_experts)
         split_mlp = None
         if switch.auto:
             # The model's own shared-expert MLP, under upstream's prefix (quantization rules).
@@ -140,7 +142,7 @@ def glm4_moe_construction(
     """Build upstream GLM-4 MoE blocks according to ``plan`` (see the module docstring).
 
     Swaps two names in ``vllm.model_executor.models.glm4_moe`` for the duration of one model's
-    construction (single-threaded, restored on exit).
+    construction (single-threaded, restored on exit); see :mod:`vllm_fse.patches`.
     """
     from vllm.model_executor.models import glm4_moe
 

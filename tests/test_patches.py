@@ -1,0 +1,68 @@
+"""The patch list names every upstream target the plugin touches, and each still exists with the
+parameters the plugin relies on; the widened layer's Triton MoE config resolves to the routed
+layer's tuned file (checked through vLLM's own lookup with a faked GPU name)."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import os
+
+import pytest
+
+from vllm_fse import MODEL_OVERRIDES, patches
+from vllm_fse.patches import PATCHES
+
+pytestmark = pytest.mark.unit
+
+
+def _resolve(patch):
+    target = importlib.import_module(patch.module)
+    for part in patch.name.split("."):
+        target = getattr(target, part)
+    return target
+
+
+@pytest.mark.parametrize("patch", PATCHES, ids=lambda p: f"{p.module}.{p.name}")
+def test_every_patch_target_exists_with_the_parameters_relied_on(patch):
+    target = _resolve(patch)
+    target = getattr(target, "wrapped", target)  # our own wrapper, once installed
+    params = inspect.signature(target).parameters
+    accepts_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    missing = [p for p in patch.params if p not in params and not accepts_kwargs]
+    assert not missing, f"{patch.module}.{patch.name} lost {missing}: update vllm_fse.patches and its user"
+
+
+def test_registry_overrides_are_listed():
+    assert any(p.name == "ModelRegistry.register_model" for p in PATCHES)
+    assert set(MODEL_OVERRIDES) == {"Glm4MoeForCausalLM", "Glm4MoeMTPModel"}
+
+
+def test_the_patch_list_in_the_docstring_matches_the_entries():
+    for patch in PATCHES:
+        assert patch.name.split(".")[-1] in patches.__doc__
+
+
+def test_widened_layer_uses_the_routed_layers_tuned_triton_config(monkeypatch, caplog):
+    """GLM-4.5 FP8 at TP 8 (N = 1536 / 8) on an H200: E=160 has a tuned file, the widened E=161 none."""
+    from vllm.model_executor.layers.fused_moe import fused_moe
+
+    monkeypatch.setattr(fused_moe, "get_device_name_as_file_name", lambda: "NVIDIA_H200")
+    routed_file = os.path.join(os.path.dirname(fused_moe.__file__), "configs",
+                               "E=160,N=192,device_name=NVIDIA_H200,dtype=fp8_w8a8.json")  # fmt: skip
+    assert os.path.exists(routed_file), "vLLM no longer ships the config this test reads"
+    tuned = {int(k): v for k, v in json.load(open(routed_file)).items() if k != "triton_version"}
+    w1, w2 = (161, 384, 5120), (161, 5120, 192)
+    before = fused_moe.try_get_optimal_moe_config(w1, w2, top_k=9, dtype="fp8_w8a8", M=64)
+    assert before == fused_moe.get_default_config(64, 161, 192, 5120, 9, "fp8_w8a8", None)  # untuned
+    monkeypatch.setattr(fused_moe, "get_moe_configs", fused_moe.get_moe_configs)  # restored after the test
+    monkeypatch.setattr(patches, "_widened_experts", {})
+    patches.resolve_widened_moe_configs(161, 160)
+    patches.resolve_widened_moe_configs(161, 160)  # idempotent: one wrapper
+    assert fused_moe.get_moe_configs.vllm_fse_wrapped
+    assert not getattr(fused_moe.get_moe_configs.wrapped, "vllm_fse_wrapped", False)
+    after = fused_moe.try_get_optimal_moe_config(w1, w2, top_k=9, dtype="fp8_w8a8", M=64)
+    assert after == tuned[min(tuned, key=lambda m: abs(m - 64))]
+    # Other expert counts are untouched.
+    assert fused_moe.get_moe_configs(257, 192, "fp8_w8a8") is None

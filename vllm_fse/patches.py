@@ -1,0 +1,116 @@
+"""Every upstream vLLM name vllm-fse swaps, wraps or patches: the one list.
+
+Each entry says what is touched, why, how, and when it can go. ``tests/test_patches.py`` checks
+that every target still exists in the installed vLLM (with the parameters the plugin relies on),
+so a vLLM release that moves one fails a test instead of a user's server.
+
+The list (``PATCHES``):
+
+1. ``vllm.model_executor.models.glm4_moe.resolve_layer_fused_shared_expert``: swapped while a
+   plugin model is constructed (``glm4_moe_construction``), restored after.
+   Why: upstream asks it whether to fuse, and answers only for ROCm AITER. How: answers from the
+   plugin's :class:`~vllm_fse.decision.FsePlan`. Goes when upstream takes a backend-neutral
+   decision from the model (a ``fuse_shared_experts`` argument to the block).
+2. ``vllm.model_executor.models.glm4_moe.FusedMoEFactory``: swapped during construction.
+   Why: to build the widened layer (``n_routed + n_shared`` experts, vLLM's router for the routed
+   top-k) and attach :class:`~vllm_fse.models.shared_slot_experts.SharedSlotExperts`. How: a
+   factory that calls the real one with the widened counts. Goes when vLLM's factory appends
+   shared slots on every backend (its router-append path is ROCm-only in 0.32).
+3. ``RoutedExperts.forward_modular`` of each widened layer (instance attribute, per layer).
+   Why: the per-step fused/split choice must run where Dynamo does not trace (token count) and
+   the shared slots must be added after vLLM's router. How: replaced by a call of the custom op
+   ``vllm_fse::shared_slot_experts`` which calls the original bound method. Goes with 2.
+4. ``vllm.model_executor.layers.fused_moe.fused_moe.get_moe_configs``: wrapped once a widened
+   layer exists (:func:`resolve_widened_moe_configs`). Why: vLLM's Triton MoE looks up tuned
+   kernel configs by file name ``E=<experts>,N=...``; no file exists for the widened
+   ``E = n_routed + n_shared`` (161 for GLM-4.x), so it would run untuned. How: a widened ``E``
+   without a file of its own resolves to the routed layer's file, logged once. Goes when vLLM
+   ships or derives configs for widened layers.
+5. ``vllm.ModelRegistry`` entries ``Glm4MoeForCausalLM`` and ``Glm4MoeMTPModel``: overwritten by
+   the plugin's classes (``vllm_fse.register``). Why: drop-in replacement, the user's request.
+   How: ``ModelRegistry.register_model``. Goes if upstream adopts backend-neutral FSE.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+from vllm_fse.compat import logger
+
+
+@dataclass(frozen=True)
+class Patch:
+    module: str
+    name: str  # attribute of the module; "Class.attr" for a class attribute
+    kind: str  # "swap during construction", "wrap", "instance attribute", "registry entry"
+    why: str
+    goes_when: str
+    # Parameters of the target the plugin relies on (a callable's signature must have them).
+    params: tuple[str, ...] = ()
+
+
+PATCHES: tuple[Patch, ...] = (
+    Patch("vllm.model_executor.models.glm4_moe", "resolve_layer_fused_shared_expert", "swap during construction",
+          "upstream decides fusion for ROCm AITER only", "upstream takes the decision from the model",
+          ("quant_config", "prefix")),
+    Patch("vllm.model_executor.models.glm4_moe", "FusedMoEFactory", "swap during construction",
+          "build the widened layer on every backend", "vLLM appends shared slots on every backend",
+          ("num_experts", "top_k", "router", "n_shared_experts", "fuse_shared_experts", "shared_expert_prefix",
+           "routed_scaling_factor", "apply_routed_scale_to_output", "hidden_size", "intermediate_size")),
+    Patch("vllm.model_executor.layers.fused_moe.routed_experts", "RoutedExperts.forward_modular", "instance attribute",
+          "per-step fused/split choice outside Dynamo's trace", "goes with FusedMoEFactory's",
+          ("x", "topk_weights", "topk_ids", "shared_experts", "shared_experts_input")),
+    Patch("vllm.model_executor.layers.fused_moe.fused_moe", "get_moe_configs", "wrap",
+          "tuned Triton configs for the widened expert count", "vLLM ships configs for widened layers",
+          ("E", "N", "dtype", "block_n", "block_k")),
+    Patch("vllm", "ModelRegistry.register_model", "registry entry",
+          "drop-in replacement of the GLM-4 MoE classes", "upstream adopts backend-neutral FSE",
+          ("model_arch", "model_cls")),
+)  # fmt: skip
+
+
+# -- 4: tuned Triton MoE configs for widened layers ------------------------------------------------
+
+# Widened expert count -> the routed layer's expert count, for every widened layer built here.
+_widened_experts: dict[int, int] = {}
+
+
+def _config_paths(file_name: str) -> list[str]:
+    from vllm import envs
+    from vllm.model_executor.layers.fused_moe import fused_moe
+
+    folders = [envs.VLLM_TUNED_CONFIG_FOLDER] if envs.VLLM_TUNED_CONFIG_FOLDER else []
+    folders.append(os.path.join(os.path.dirname(os.path.realpath(fused_moe.__file__)), "configs"))
+    return [os.path.join(folder, file_name) for folder in folders]
+
+
+def resolve_widened_moe_configs(widened: int, routed: int) -> None:
+    """Make vLLM's tuned-config lookup for ``E=widened`` fall back to ``E=routed``'s file."""
+    from vllm.model_executor.layers.fused_moe import fused_moe
+
+    _widened_experts[widened] = routed
+    if getattr(fused_moe.get_moe_configs, "vllm_fse_wrapped", False):
+        return
+    real = fused_moe.get_moe_configs
+
+    @functools.lru_cache  # called per kernel launch, like the lru-cached original
+    def get_moe_configs(E: int, N: int, dtype: str | None, block_n: int | None = None, block_k: int | None = None):
+        routed_e = _widened_experts.get(E)
+        if routed_e is not None:
+            block_shape = [block_n, block_k] if block_n and block_k else None
+            own = fused_moe.get_config_file_name(E, N, dtype, block_shape)
+            if not any(os.path.exists(p) for p in _config_paths(own)):
+                used = fused_moe.get_config_file_name(routed_e, N, dtype, block_shape)
+                logger.info_once(
+                    "vllm-fse: no tuned MoE config %s for the widened layer (E=%d = %d routed + shared slots); "
+                    "using the routed layer's %s",
+                    own, E, routed_e, used,
+                )  # fmt: skip
+                return real(routed_e, N, dtype, block_n, block_k)
+        return real(E, N, dtype, block_n, block_k)
+
+    get_moe_configs.vllm_fse_wrapped = True
+    get_moe_configs.wrapped = real
+    fused_moe.get_moe_configs = get_moe_configs
