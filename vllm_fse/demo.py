@@ -9,7 +9,6 @@ TTFT and per-token latency, and whether the texts are identical.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import tempfile
 import textwrap
