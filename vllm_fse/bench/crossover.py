@@ -11,9 +11,9 @@ moved while it runs, so the paths are compared step against step:
    ``fused`` (every step fused, = ``VLLM_FSE=1``), ``split`` (every step split: vLLM's unfused
    computation, = ``VLLM_FSE=0``) and ``auto`` (the calibrated switch point).
    Ratios are paired per round: fused/split, and auto/split, the step-time ratio of auto to off;
-3. **check against FSE off** (``--confirm-off``): a second engine, built with ``VLLM_FSE=0`` in
-   the same process, interleaved with the split mode at the decode batch sizes, confirms that
-   split costs what off costs.
+3. **FSE off** (``--confirm-off``): a second engine, built first with ``VLLM_FSE=0`` in the same
+   process, whose decode steps are interleaved with the three modes: ``auto/off`` and
+   ``fused/off`` directly, and ``split/off``, whether split costs what off costs.
 
 Output in ``--out``: ``crossover.json`` (everything), ``crossover.md`` (tables) and
 ``crossover.png`` (cost of fused and split per MoE call against token count, with the switch point).
@@ -213,7 +213,8 @@ def measure_prefill(llm, reqs: _Requests, args, tokens: int) -> dict:
 def _ratios(per_round: dict[str, list[float]]) -> dict:
     out = {}
     for name, (a, b) in {"fused/split": ("split", "fused"), "auto/split": ("split", "auto"),
-                         "split/off": ("off", "split")}.items():  # fmt: skip
+                         "split/off": ("off", "split"), "auto/off": ("off", "auto"),
+                         "fused/off": ("off", "fused")}.items():  # fmt: skip
         if a in per_round and b in per_round:
             d = paired_delta(per_round[a], per_round[b])
             ci = None if d.ci_low_pct is None else [1 + d.ci_low_pct / 100, 1 + d.ci_high_pct / 100]
@@ -229,6 +230,9 @@ def run(args: argparse.Namespace) -> Path:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model, dtype = resolve_model(args.model, args.preset, args.dtype)
+    # Built first when asked for: in one process the engine built first measured a few % slower
+    # (decode, batch 1), which here would flatter FSE.
+    off_llm = _build_engine(args, model, dtype, "0") if args.confirm_off else None
     started = time.perf_counter()
     llm = _build_engine(args, model, dtype, "auto")
     startup_s = time.perf_counter() - started
@@ -236,7 +240,6 @@ def run(args: argparse.Namespace) -> Path:
     llm.generate([{"prompt_token_ids": [16, 17, 18]}], use_tqdm=False)
     [calibration] = llm.apply_model(switch_state)
     print(f"engine up in {startup_s:.0f} s; {calibration['describe']}", flush=True)
-    off_llm = _build_engine(args, model, dtype, "0") if args.confirm_off else None
     result = {
         "meta": {"command": command_line(), "machine": describe_machine(), "model": model, "dtype": dtype,
                  "args": {k: v for k, v in vars(args).items() if k != "func"}, "startup_s": startup_s},
@@ -293,19 +296,19 @@ def render_markdown(result: dict) -> str:
         f"- calibration: {cal['describe']}; it took {cal['resolve_s']:.1f} s",
         "",
         "Step-time ratios are geometric means of per-round paired ratios with 95% intervals; **bold** "
-        "excludes 1. `auto/split` is the step time of `VLLM_FSE=auto` over unfused (split runs vLLM's "
-        "unfused computation); `split/off` checks that against an FSE-off engine.",
+        "excludes 1. Modes of one engine: `fused` (= `VLLM_FSE=1`), `split` (the unfused computation inside "
+        "the plugin's op), `auto`; `off` is a separate `VLLM_FSE=0` engine in the same process, built first.",
         "",
         "## Decode steps",
         "",
-        "| batch | fused ms | split ms | auto ms | fused/split | auto/split | split/off |",
-        "|--:|--:|--:|--:|--:|--:|--:|",
+        "| batch | off ms | fused ms | split ms | auto ms | fused/split | auto/split | split/off | auto/off | fused/off |",
+        "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for batch, entry in result["decode"].items():
         med = {m: statistics.median(v) for m, v in entry["step_ms"].items()}
-        lines.append(f"| {batch} | {med['fused']:.2f} | {med['split']:.2f} | {med['auto']:.2f} | "
-                     f"{_ratio_cell(entry, 'fused/split')} | {_ratio_cell(entry, 'auto/split')} | "
-                     f"{_ratio_cell(entry, 'split/off')} |")  # fmt: skip
+        off = f"{med['off']:.2f}" if "off" in med else "-"
+        cells = " | ".join(_ratio_cell(entry, k) for k in ("fused/split", "auto/split", "split/off", "auto/off", "fused/off"))
+        lines.append(f"| {batch} | {off} | {med['fused']:.2f} | {med['split']:.2f} | {med['auto']:.2f} | {cells} |")
     lines += ["", "## Prefill steps", "", "| tokens | fused ms | split ms | auto ms | fused/split | auto/split |",
               "|--:|--:|--:|--:|--:|--:|"]  # fmt: skip
     for tokens, entry in result["prefill"].items():
@@ -347,8 +350,10 @@ def plot_crossover(result: dict, path: Path) -> None:
     ax.legend(fontsize=8)
     rel.plot(tokens, [statistics.median(r["fused_us"]) / statistics.median(r["split_us"]) for r in rows], "o-",
              color="tab:blue", label="MoE layer: fused / split")  # fmt: skip
-    for label, section, key in (("decode step", "decode", "fused/split"), ("prefill step", "prefill", "fused/split"),
-                                ("decode step auto/off", "decode", "auto/split"), ("prefill step auto/off", "prefill", "auto/split")):  # fmt: skip
+    for label, section, key in (("decode step fused/split", "decode", "fused/split"),
+                                ("prefill step fused/split", "prefill", "fused/split"),
+                                ("decode step auto/off", "decode", "auto/off"),
+                                ("prefill step auto/split", "prefill", "auto/split")):  # fmt: skip
         pts = [(int(k), v["ratios"][key]) for k, v in result[section].items() if key in v["ratios"]]
         if pts:
             xs = [p[0] for p in pts]

@@ -183,6 +183,10 @@ class SharedSlotExperts:
         self._forward_modular = routed.forward_modular  # vLLM's, bound to this layer
         routed.forward_modular = self._op_entry
         runner.fse_shared_slots = self
+        # What the paths call, bound at the first call (after vLLM prepacked the weights).
+        self._experts: Callable | None = None
+        self._mlp: Callable | None = None
+        self.direct_cpu_kernels = False
 
     def _op_entry(
         self,
@@ -196,7 +200,21 @@ class SharedSlotExperts:
         assert shared_experts is None
         return torch.ops.vllm_fse.shared_slot_experts(x, topk_weights, topk_ids, self.layer_name)
 
+    def _bind(self, x: torch.Tensor) -> None:
+        """vLLM's expert call and the split MLP's module, or on CPU the kernels underneath them:
+        inside the opaque op nothing is compiled, and the Python around vLLM's CPU MoE kernel
+        (modular kernel, prepare/finalize, linear layers) costs more per call than the shared
+        expert itself at decode sizes (measured: +25% per decode step at batch 1)."""
+        self._experts, self._mlp = self._forward_modular, self.split_mlp
+        if x.device.type == "cpu":
+            experts = cpu_moe_kernel(self.runner.routed_experts)
+            mlp = cpu_dense_mlp(self.split_mlp) if self.split_mlp is not None else None
+            if experts is not None and (mlp is not None or self.split_mlp is None):
+                self._experts, self._mlp, self.direct_cpu_kernels = experts, mlp, True
+
     def __call__(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        if self._experts is None:
+            self._bind(x)
         if not self.switch.resolved:
             resolve_switch_point(self, x, topk_ids)
         if self.switch.fused_for(x.shape[0]):
@@ -210,12 +228,68 @@ class SharedSlotExperts:
         ids, weights = self.switch.slot_buffers(self, tokens, topk_weights, topk_ids)
         ids[:, :top_k].copy_(topk_ids)
         weights[:, :top_k].copy_(topk_weights)
-        return self._forward_modular(x, weights, ids)
+        return self._experts(x, weights, ids)
 
     def split(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        shared = self.split_mlp(x)  # first, as vLLM runs unfused shared experts
-        out = self._forward_modular(x, topk_weights, topk_ids)
+        shared = self._mlp(x)  # first, as vLLM runs unfused shared experts
+        out = self._experts(x, topk_weights, topk_ids)
         return out.add_(shared, alpha=self.slot_weight)
+
+
+# -- CPU: vLLM's kernels, called directly -------------------------------------------------------------
+
+
+def cpu_moe_kernel(routed: torch.nn.Module) -> Callable | None:
+    """``f(x, topk_weights, topk_ids) -> out``: vLLM's CPU MoE kernel (``_C::cpu_fused_moe``) on
+    the layer's prepacked weights, exactly as its ``CPUUnquantizedExperts.apply`` calls it; None
+    where vLLM's modular kernel does more than that call (zentorch, quantized weights, expert
+    parallelism, router weights on the input)."""
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+
+    experts = getattr(getattr(routed.quant_method, "moe_kernel", None), "fused_experts", None)
+    if (
+        not isinstance(experts, CPUUnquantizedExperts)
+        or type(experts).apply is not CPUUnquantizedExperts.apply
+        or experts._use_zentorch
+        or routed.expert_map is not None
+        or routed.apply_router_weight_on_input
+    ):
+        return None
+    op = torch.ops._C.cpu_fused_moe
+    w13, w2, b13, b2 = routed.w13_weight, routed.w2_weight, experts.w1_bias, experts.w2_bias
+    activation, isa = routed.activation.value, experts.isa
+
+    def call(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(x)
+        op(out, x, w13, w2, b13, b2, topk_weights, topk_ids, False, activation, isa)
+        return out
+
+    return call
+
+
+def cpu_dense_mlp(mlp: torch.nn.Module) -> Callable | None:
+    """``f(x) -> out``: the split MLP's prepacked GEMMs (vLLM's ``cpu_linear``) and SiLU-and-mul,
+    without the linear layers' Python; None unless both projections are unquantized, bias-free
+    and dispatched by vLLM's CPU GEMM selection."""
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
+    gate_up, down = mlp.gate_up_proj, mlp.down_proj
+    for layer in (gate_up, down):
+        if not (
+            isinstance(layer.quant_method, UnquantizedLinearMethod)
+            and callable(getattr(layer, "cpu_linear", None))
+            and getattr(layer, "bias", None) is None
+        ):
+            return None
+    gate_up_gemm, down_gemm = gate_up.cpu_linear, down.cpu_linear
+    gate_up_w, down_w = gate_up.weight, down.weight
+    inter = down.input_size_per_partition
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        h = gate_up_gemm(x, gate_up_w, None)
+        return down_gemm(torch.nn.functional.silu(h[:, :inter]).mul_(h[:, inter:]), down_w, None)
+
+    return call
 
 
 # -- resolving the switch point -------------------------------------------------------------------
@@ -313,19 +387,24 @@ def measure_switch_point(
     layer: SharedSlotExperts, like_x: torch.Tensor, like_ids: torch.Tensor, budget_s: float = CALIBRATION_BUDGET_S
 ) -> tuple[int, list[dict]]:
     """Climb the token ladder timing both paths; fused up to the last size where it won before
-    split won ``SPLIT_WINS_TO_STOP`` sizes in a row (or the budget ran out)."""
+    split won ``SPLIT_WINS_TO_STOP`` sizes in a row, or before the next size would overrun the
+    budget (a size costs about twice the one before it)."""
     start = time.perf_counter()
-    fused_max, split_streak, rows = 0, 0, []
+    fused_max, split_streak, rows, last_size_s = 0, 0, [], 0.0
     for tokens in ladder(layer.switch.max_num_batched_tokens):
-        if time.perf_counter() - start > budget_s:
+        elapsed = time.perf_counter() - start
+        if elapsed + 2 * last_size_s > budget_s:
             logger.warning(
-                "vllm-fse: switch-point measurement stopped at %d tokens after %.1f s; larger steps run split",
+                "vllm-fse: switch-point measurement stopped before %d tokens to stay within %.0f s; "
+                "larger steps run split",
                 tokens,
                 budget_s,
             )
             break
         reps = 5 if tokens <= 64 else 3 if tokens <= 512 else 2
+        t0 = time.perf_counter()
         fused_s, split_s = time_paths(layer, tokens, like_x, like_ids, reps=reps)
+        last_size_s = time.perf_counter() - t0
         rows.append({"tokens": tokens, "fused_us": fused_s * 1e6, "split_us": split_s * 1e6})
         if fused_s <= split_s:
             if split_streak < SPLIT_WINS_TO_STOP:
