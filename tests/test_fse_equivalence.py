@@ -49,10 +49,23 @@ def _case_id(tp_case) -> str:
     return f"tp{tp}-shared{c['n_shared_experts']}-rsf{c['routed_scaling_factor']}-norm{int(c['norm_topk_prob'])}-{dtype}"
 
 
-@pytest.fixture(scope="module", params=[1, 2], ids=["tp1", "tp2"])
-def matrix(request, tiny_model, tmp_path_factory):
-    """{(checkpoint, dtype, fse): result} for one tensor-parallel size."""
-    tp = request.param
+@pytest.fixture(scope="module")
+def matrices(tiny_model, tmp_path_factory):
+    """``matrices(tp)`` -> (tp, {(checkpoint, dtype, fse): result}), built once per TP size.
+
+    (Not an indirect parametrization: pytest caches a module-scoped fixture per parameter
+    index, which would rebuild the matrix for every case.)"""
+    built: dict[int, tuple] = {}
+
+    def get(tp: int):
+        if tp not in built:
+            built[tp] = _build_matrix(tp, tiny_model, tmp_path_factory)
+        return built[tp]
+
+    return get
+
+
+def _build_matrix(tp: int, tiny_model, tmp_path_factory):
     runs, keys = [], []
     for (ckpt, dtype), fse in itertools.product(CASES_BY_TP[tp], ("0", "1")):
         model = tiny_model("tiny", **CHECKPOINTS[ckpt])
@@ -74,18 +87,18 @@ def matrix(request, tiny_model, tmp_path_factory):
     return tp, dict(zip(keys, results))
 
 
-@pytest.mark.parametrize(("matrix", "case"), TP_CASES, ids=[_case_id(c) for c in TP_CASES], indirect=["matrix"])
-def test_fse_on_matches_fse_off(matrix, case):
-    tp, results = matrix
+@pytest.mark.parametrize(("tp", "case"), TP_CASES, ids=[_case_id(c) for c in TP_CASES])
+def test_fse_on_matches_fse_off(matrices, tp, case):
+    tp, results = matrices(tp)
     ckpt, dtype = case
     off, on = results[(ckpt, dtype, "0")], results[(ckpt, dtype, "1")]
     compare_outputs(off["outputs"], on["outputs"], dtype)
     compare_scores(off["scores"], on["scores"], dtype)
 
 
-@pytest.mark.parametrize(("matrix", "case"), TP_CASES, ids=[_case_id(c) for c in TP_CASES], indirect=["matrix"])
-def test_fse_is_really_on_in_the_live_model(matrix, case):
-    tp, results = matrix
+@pytest.mark.parametrize(("tp", "case"), TP_CASES, ids=[_case_id(c) for c in TP_CASES])
+def test_fse_is_really_on_in_the_live_model(matrices, tp, case):
+    tp, results = matrices(tp)
     ckpt, dtype = case
     spec = CHECKPOINTS[ckpt]
     n_routed, top_k = TINY.n_routed_experts, TINY.num_experts_per_tok
@@ -119,9 +132,8 @@ def _same_values(stored: torch.Tensor, checkpoint: torch.Tensor) -> bool:
     )
 
 
-@pytest.mark.parametrize("matrix", [1], ids=["tp1"], indirect=True)  # compared unsharded
-def test_slots_hold_the_checkpoint_shared_expert_chunks(matrix, tiny_model):
-    tp, results = matrix
+def test_slots_hold_the_checkpoint_shared_expert_chunks(matrices, tiny_model):
+    _, results = matrices(1)  # compared unsharded
     for ckpt, spec in enumerate(CHECKPOINTS):
         model_dir = tiny_model("tiny", **spec)
         (slots,) = results[(ckpt, "float32", "1")]["shared_slot_weights"]
