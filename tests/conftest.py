@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_fse.tiny_model import PRESETS, TinyGlmSpec, write_tiny_model
+from vllm_fse.tiny_model import PRESETS, TinyMoeSpec, write_tiny_model
 
 TESTS_DIR = Path(__file__).parent
 
@@ -68,7 +68,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """Factory: ``tiny_model(**overrides)`` -> directory of that checkpoint, built once per session."""
-    built: dict[TinyGlmSpec, Path] = {}
+    built: dict[TinyMoeSpec, Path] = {}
 
     def make(preset: str = "tiny", **overrides) -> Path:
         spec = dataclasses.replace(PRESETS[preset], **overrides)

@@ -8,6 +8,7 @@ import importlib
 import inspect
 import json
 import os
+import re
 
 import pytest
 
@@ -34,9 +35,43 @@ def test_every_patch_target_exists_with_the_parameters_relied_on(patch):
     assert not missing, f"{patch.module}.{patch.name} lost {missing}: update vllm_fse.patches and its user"
 
 
-def test_registry_overrides_are_listed():
+def _override_classes():
+    for arch, target in MODEL_OVERRIDES.items():
+        module, cls = target.split(":")
+        yield arch, getattr(importlib.import_module(module), cls)
+
+
+def test_registry_overrides_are_listed_and_subclass_the_upstream_class_they_replace():
+    from vllm import ModelRegistry
+
     assert any(p.name == "ModelRegistry.register_model" for p in PATCHES)
-    assert set(MODEL_OVERRIDES) == {"Glm4MoeForCausalLM", "Glm4MoeMTPModel"}
+    assert set(MODEL_OVERRIDES) == {
+        "Glm4MoeForCausalLM", "Glm4MoeMTPModel", "Glm4MoeLiteForCausalLM", "Glm4MoeLiteMTPModel",
+        "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM", "DeepSeekMTPModel",
+    }  # fmt: skip
+    for arch, cls in _override_classes():
+        module, name = ModelRegistry.models[arch].module_name, ModelRegistry.models[arch].class_name
+        if module.startswith("vllm_fse."):  # registered by the plugin in this process already
+            continue
+        upstream = getattr(importlib.import_module(module), name)
+        assert issubclass(cls, upstream), f"{cls.__name__} does not subclass upstream {arch} ({module}.{name})"
+
+
+def test_every_family_block_reads_the_swapped_names_and_its_split_mlp_builds():
+    """The construction hook works only while the family's MoE block calls the two swapped names
+    from its own module; the split MLP builder only while the dense MLP takes its arguments."""
+    families = {cls.fse_family for _, cls in _override_classes()}
+    assert {f.module for f in families} == {p.module for p in PATCHES if p.name == "FusedMoEFactory"}
+    for family in families:
+        block = family.moe_block_cls()
+        source = inspect.getsource(block.__init__) if "__init__" in vars(block) else ""
+        for name in ("resolve_layer_fused_shared_expert(", "FusedMoEFactory("):
+            assert name in source, f"{family.module}.{family.moe_block}.__init__ no longer calls {name}"
+        mlp_source = inspect.getsource(family.split_mlp)
+        mlp_cls = re.search(r"import (\w+MLP)", mlp_source)[1]
+        mlp_params = inspect.signature(getattr(family.upstream(), mlp_cls).__init__).parameters
+        for kw in re.findall(r"^\s+(\w+)=", mlp_source, re.M):
+            assert kw in mlp_params, f"{family.module}.{mlp_cls} lost the parameter {kw}"
 
 
 def test_the_patch_list_in_the_docstring_matches_the_entries():

@@ -1,4 +1,4 @@
-"""vllm-fse: fused shared experts (FSE) for GLM-4.x MoE models, as a vLLM plugin.
+"""vllm-fse: fused shared experts (FSE) for MoE models with shared experts, as a vLLM plugin.
 
 vLLM calls :func:`register` through the ``vllm.general_plugins`` entry point ``fse`` in every
 process it starts (API server, engine core, workers), sometimes more than once. It must stay
@@ -14,13 +14,18 @@ __version__ = "0.1.0"
 MODEL_OVERRIDES: dict[str, str] = {
     "Glm4MoeForCausalLM": "vllm_fse.models.glm4_moe:FseGlm4MoeForCausalLM",
     "Glm4MoeMTPModel": "vllm_fse.models.glm4_moe_mtp:FseGlm4MoeMTP",
+    "Glm4MoeLiteForCausalLM": "vllm_fse.models.glm4_moe_lite:FseGlm4MoeLiteForCausalLM",
+    "Glm4MoeLiteMTPModel": "vllm_fse.models.glm4_moe_lite:FseGlm4MoeLiteMTP",
+    "DeepseekV2ForCausalLM": "vllm_fse.models.deepseek_v2:FseDeepseekV2ForCausalLM",
+    "DeepseekV3ForCausalLM": "vllm_fse.models.deepseek_v2:FseDeepseekV3ForCausalLM",
+    "DeepSeekMTPModel": "vllm_fse.models.deepseek_v2:FseDeepSeekMTP",
 }
 
 _reported = False
 
 
 def register() -> None:
-    """Point vLLM's model registry at the plugin's GLM-4 MoE classes.
+    """Point vLLM's model registry at the plugin's model classes.
 
     Re-entrant: registering again overwrites the same entries with the same strings. The
     outcome is logged once per process.
@@ -31,7 +36,7 @@ def register() -> None:
     supported, reason = supported_vllm_version()
     if not supported:
         if not _reported:
-            logger.error("vllm-fse: inactive, upstream GLM-4 MoE classes stay in place: %s", reason)
+            logger.error("vllm-fse: inactive, upstream model classes stay in place: %s", reason)
             _reported = True
         return
 

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import sys
 
-from vllm_fse.tiny_model import PRESETS, TinyGlmSpec
+from vllm_fse.tiny_model import PRESETS, TinyMoeSpec
 
 
 def _parse_bool(text: str) -> bool:
@@ -19,11 +19,11 @@ def _parse_bool(text: str) -> bool:
 
 
 def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
-    """One ``--field-name`` option per TinyGlmSpec field, overriding the preset."""
+    """One ``--field-name`` option per TinyMoeSpec field, overriding the preset."""
     parser.add_argument(
         "--preset", choices=sorted(PRESETS), default="tiny", help="starting point (default: tiny)"
     )
-    for field in dataclasses.fields(TinyGlmSpec):
+    for field in dataclasses.fields(TinyMoeSpec):
         default = getattr(PRESETS["tiny"], field.name)
         kind = {bool: _parse_bool, int: int, float: float, str: str}[type(default)]
         parser.add_argument(
@@ -35,10 +35,10 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
         )
 
 
-def spec_from_args(args: argparse.Namespace) -> TinyGlmSpec:
+def spec_from_args(args: argparse.Namespace) -> TinyMoeSpec:
     overrides = {
         f.name: getattr(args, f.name)
-        for f in dataclasses.fields(TinyGlmSpec)
+        for f in dataclasses.fields(TinyMoeSpec)
         if getattr(args, f.name) is not None
     }
     return dataclasses.replace(PRESETS[args.preset], **overrides)

@@ -6,16 +6,19 @@ so a vLLM release that moves one fails a test instead of a user's server.
 
 The list (``PATCHES``):
 
-1. ``vllm.model_executor.models.glm4_moe.resolve_layer_fused_shared_expert``: swapped while a
-   plugin model is constructed (``glm4_moe_construction``), restored after.
-   Why: upstream asks it whether to fuse, and answers only for ROCm AITER. How: answers from the
-   plugin's :class:`~vllm_fse.decision.FsePlan`. Goes when upstream takes a backend-neutral
-   decision from the model (a ``fuse_shared_experts`` argument to the block).
-2. ``vllm.model_executor.models.glm4_moe.FusedMoEFactory``: swapped during construction.
+1. ``resolve_layer_fused_shared_expert`` in each family's upstream module
+   (``vllm.model_executor.models.glm4_moe``, ``...deepseek_v2``): swapped while a plugin model is
+   constructed (:func:`~vllm_fse.models.fused_shared_experts.moe_construction`), restored after.
+   Why: upstream's MoE block asks it whether to fuse, and it answers only for ROCm AITER. How:
+   answers from the plugin's :class:`~vllm_fse.decision.FsePlan`. Goes when upstream takes a
+   backend-neutral decision from the model (a ``fuse_shared_experts`` argument to the block).
+2. ``FusedMoEFactory`` in the same modules: swapped during construction.
    Why: to build the widened layer (``n_routed + n_shared`` experts, vLLM's router for the routed
    top-k) and attach :class:`~vllm_fse.models.shared_slot_experts.SharedSlotExperts`. How: a
    factory that calls the real one with the widened counts. Goes when vLLM's factory appends
    shared slots on every backend (its router-append path is ROCm-only in 0.32).
+   The families' MoE blocks (``Glm4MoE``, ``DeepseekV2MoE``) and dense MLPs (``Glm4MoeMLP``,
+   ``DeepseekV2MLP``) are read, not patched; they are checked with these entries.
 3. ``RoutedExperts.forward_modular`` of each widened layer (instance attribute, per layer).
    Why: the per-step fused/split choice must run where Dynamo does not trace (token count) and
    the shared slots must be added after vLLM's router. How: replaced by a call of the custom op
@@ -26,8 +29,9 @@ The list (``PATCHES``):
    ``E = n_routed + n_shared`` (161 for GLM-4.x), so it would run untuned. How: a widened ``E``
    without a file of its own resolves to the routed layer's file, logged once. Goes when vLLM
    ships or derives configs for widened layers.
-5. ``vllm.ModelRegistry`` entries ``Glm4MoeForCausalLM`` and ``Glm4MoeMTPModel``: overwritten by
-   the plugin's classes (``vllm_fse.register``). Why: drop-in replacement, the user's request.
+5. ``vllm.ModelRegistry`` entries of every architecture in ``vllm_fse.MODEL_OVERRIDES`` (GLM-4
+   MoE, GLM-4.7-Flash, DeepSeek-V2/V3 and their MTP drafts): overwritten by the plugin's classes
+   (``vllm_fse.register``), each a subclass of the upstream class it replaces. Why: drop-in replacement, the user's request.
    How: ``ModelRegistry.register_model``. Goes if upstream adopts backend-neutral FSE.
 """
 
@@ -51,14 +55,21 @@ class Patch:
     params: tuple[str, ...] = ()
 
 
-PATCHES: tuple[Patch, ...] = (
-    Patch("vllm.model_executor.models.glm4_moe", "resolve_layer_fused_shared_expert", "swap during construction",
-          "upstream decides fusion for ROCm AITER only", "upstream takes the decision from the model",
-          ("quant_config", "prefix")),
-    Patch("vllm.model_executor.models.glm4_moe", "FusedMoEFactory", "swap during construction",
-          "build the widened layer on every backend", "vLLM appends shared slots on every backend",
-          ("num_experts", "top_k", "router", "n_shared_experts", "fuse_shared_experts", "shared_expert_prefix",
-           "routed_scaling_factor", "apply_routed_scale_to_output", "hidden_size", "intermediate_size")),
+_FAMILY_MODULES = ("vllm.model_executor.models.glm4_moe", "vllm.model_executor.models.deepseek_v2")
+
+PATCHES: tuple[Patch, ...] = tuple(
+    patch
+    for module in _FAMILY_MODULES
+    for patch in (
+        Patch(module, "resolve_layer_fused_shared_expert", "swap during construction",
+              "upstream decides fusion for ROCm AITER only", "upstream takes the decision from the model",
+              ("quant_config", "prefix")),
+        Patch(module, "FusedMoEFactory", "swap during construction",
+              "build the widened layer on every backend", "vLLM appends shared slots on every backend",
+              ("num_experts", "top_k", "router", "n_shared_experts", "fuse_shared_experts", "shared_expert_prefix",
+               "routed_scaling_factor", "apply_routed_scale_to_output", "hidden_size", "intermediate_size")),
+    )
+) + (
     Patch("vllm.model_executor.layers.fused_moe.routed_experts", "RoutedExperts.forward_modular", "instance attribute",
           "per-step fused/split choice outside Dynamo's trace", "goes with FusedMoEFactory's",
           ("x", "topk_weights", "topk_ids", "shared_experts", "shared_experts_input")),
@@ -66,7 +77,7 @@ PATCHES: tuple[Patch, ...] = (
           "tuned Triton configs for the widened expert count", "vLLM ships configs for widened layers",
           ("E", "N", "dtype", "block_n", "block_k")),
     Patch("vllm", "ModelRegistry.register_model", "registry entry",
-          "drop-in replacement of the GLM-4 MoE classes", "upstream adopts backend-neutral FSE",
+          "drop-in replacement of the supported families' classes", "upstream adopts backend-neutral FSE",
           ("model_arch", "model_cls")),
 )  # fmt: skip
 

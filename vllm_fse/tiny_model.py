@@ -1,8 +1,14 @@
-"""Deterministic tiny random GLM-4.x MoE checkpoints with the real GLM tensor layout.
+"""Deterministic tiny random MoE checkpoints with the real tensor layout of each family.
 
-The checkpoint is what a HF GLM-4.5/4.6/4.7 repository holds, only small: per-expert
+Families: ``glm4_moe`` (GLM-4.5/4.6/4.7), ``glm4_moe_lite`` (GLM-4.7-Flash), ``deepseek_v3``
+(DeepSeek-V3/R1, Kimi-K2) and ``deepseek_v2`` (DeepSeek-V2/V2-Lite). The last three use MLA
+attention (``kv_a_proj_with_mqa``, ``kv_b_proj``, ...; vLLM's CPU MLA backend needs
+``kv_lora_rank + qk_rope_head_dim = 576``).
+
+The checkpoint is what a HF repository of the family holds, only small: per-expert
 ``mlp.experts.{e}.{gate,up,down}_proj.weight``, the shared experts packed into one MLP of width
-``moe_intermediate_size * n_shared_experts``, ``mlp.gate.e_score_correction_bias``, dense layers
+``moe_intermediate_size * n_shared_experts``, ``mlp.gate.e_score_correction_bias`` (sigmoid
+families; DeepSeek-V2 routes by softmax without it), dense layers
 before ``first_k_dense_replace``, and optionally the MTP layer at
 ``model.layers.{num_hidden_layers}`` with ``eh_proj``/``enorm``/``hnorm``/``shared_head``.
 
@@ -54,9 +60,21 @@ What is the capital of France? Paris is the capital of France. What is two plus 
 """
 
 
+FAMILIES = {
+    # family: (architecture, MTP architecture, model_type)
+    "glm4_moe": ("Glm4MoeForCausalLM", "Glm4MoeMTPModel", "glm4_moe"),
+    "glm4_moe_lite": ("Glm4MoeLiteForCausalLM", "Glm4MoeLiteMTPModel", "glm4_moe_lite"),
+    "deepseek_v3": ("DeepseekV3ForCausalLM", "DeepSeekMTPModel", "deepseek_v3"),
+    "deepseek_v2": ("DeepseekV2ForCausalLM", "DeepSeekMTPModel", "deepseek_v2"),
+}
+_MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
+
+
 @dataclasses.dataclass(frozen=True)
-class TinyGlmSpec:
-    """Shape and routing knobs of a tiny GLM-4 MoE checkpoint."""
+class TinyMoeSpec:
+    """Shape and routing knobs of a tiny MoE checkpoint of one family."""
+
+    family: str = "glm4_moe"
 
     hidden_size: int = 64
     intermediate_size: int = 128
@@ -80,8 +98,25 @@ class TinyGlmSpec:
     dtype: str = "float32"
     seed: int = 0
     max_position_embeddings: int = 4096
+    # MLA attention (every family but glm4_moe); q_lora_rank 0: a plain q_proj (as V2-Lite).
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 512
+    qk_rope_head_dim: int = 64
+    qk_nope_head_dim: int = 32
+    v_head_dim: int = 32
+
+    @property
+    def mla(self) -> bool:
+        return self.family != "glm4_moe"
+
+    @property
+    def softmax_routing(self) -> bool:
+        """DeepSeek-V2 scores experts with softmax and has no correction bias."""
+        return self.family == "deepseek_v2"
 
     def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {sorted(FAMILIES)}, got {self.family!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
@@ -96,11 +131,23 @@ class TinyGlmSpec:
 
 LM_HEAD_EMBEDDING_SHARE = 0.4
 
-# Presets: "tiny" for tests and the demo; "bench" is GLM-shaped but sized for a 2-core CPU.
-PRESETS: dict[str, TinyGlmSpec] = {
-    "tiny": TinyGlmSpec(),
-    "tiny-mtp": TinyGlmSpec(mtp_layers=1),
-    "bench": TinyGlmSpec(
+_TINY_DEEPSEEK_V3 = TinyMoeSpec(family="deepseek_v3", q_lora_rank=48)
+_TINY_GLM4_LITE = TinyMoeSpec(family="glm4_moe_lite", q_lora_rank=48, routed_scaling_factor=1.8)
+
+# Presets: "tiny*" for tests and the demo; "bench*" are shaped like the real models but sized for
+# a 2-core CPU.
+PRESETS: dict[str, TinyMoeSpec] = {
+    "tiny": TinyMoeSpec(),
+    "tiny-mtp": TinyMoeSpec(mtp_layers=1),
+    "tiny-deepseek-v3": _TINY_DEEPSEEK_V3,
+    "tiny-deepseek-v3-mtp": dataclasses.replace(_TINY_DEEPSEEK_V3, mtp_layers=1),
+    # V2's softmax routing without renormalisation, rsf 16 as DeepSeek-V2, two shared experts.
+    "tiny-deepseek-v2": TinyMoeSpec(
+        family="deepseek_v2", routed_scaling_factor=16.0, norm_topk_prob=False, n_shared_experts=2
+    ),
+    "tiny-glm4-lite": _TINY_GLM4_LITE,
+    "tiny-glm4-lite-mtp": dataclasses.replace(_TINY_GLM4_LITE, mtp_layers=1),
+    "bench": TinyMoeSpec(
         hidden_size=1024,
         intermediate_size=2816,
         moe_intermediate_size=256,
@@ -112,6 +159,27 @@ PRESETS: dict[str, TinyGlmSpec] = {
         n_routed_experts=64,
         num_experts_per_tok=8,
         n_shared_experts=1,
+        vocab_size=2048,
+        dtype="bfloat16",
+        mtp_layers=1,
+    ),
+    # DeepSeek-V3-shaped: MLA with a q LoRA, sigmoid + noaux_tc grouped routing.
+    "bench-deepseek": TinyMoeSpec(
+        family="deepseek_v3",
+        hidden_size=1024,
+        intermediate_size=2816,
+        moe_intermediate_size=256,
+        num_hidden_layers=6,
+        first_k_dense_replace=1,
+        num_attention_heads=8,
+        q_lora_rank=384,
+        qk_nope_head_dim=64,
+        v_head_dim=64,
+        n_routed_experts=64,
+        num_experts_per_tok=8,
+        n_shared_experts=1,
+        n_group=4,
+        topk_group=2,
         vocab_size=2048,
         dtype="bfloat16",
         mtp_layers=1,
@@ -171,23 +239,43 @@ def _mlp(init: _Init, prefix: str, hidden: int, inter: int) -> dict[str, torch.T
     }
 
 
-def _decoder_layer(init: _Init, spec: TinyGlmSpec, layer: int) -> dict[str, torch.Tensor]:
+def _mla_attention(init: _Init, spec: TinyMoeSpec, p: str) -> dict[str, torch.Tensor]:
+    h, heads = spec.hidden_size, spec.num_attention_heads
+    q_head = spec.qk_nope_head_dim + spec.qk_rope_head_dim
+    t: dict[str, torch.Tensor] = {}
+    if spec.q_lora_rank:
+        t[f"{p}.q_a_proj.weight"] = init.linear(spec.q_lora_rank, h)
+        t[f"{p}.q_a_layernorm.weight"] = init.norm(spec.q_lora_rank)
+        t[f"{p}.q_b_proj.weight"] = init.linear(heads * q_head, spec.q_lora_rank)
+    else:
+        t[f"{p}.q_proj.weight"] = init.linear(heads * q_head, h)
+    t[f"{p}.kv_a_proj_with_mqa.weight"] = init.linear(spec.kv_lora_rank + spec.qk_rope_head_dim, h)
+    t[f"{p}.kv_a_layernorm.weight"] = init.norm(spec.kv_lora_rank)
+    t[f"{p}.kv_b_proj.weight"] = init.linear(heads * (spec.qk_nope_head_dim + spec.v_head_dim), spec.kv_lora_rank)
+    t[f"{p}.o_proj.weight"] = init.linear(h, heads * spec.v_head_dim)
+    return t
+
+
+def _decoder_layer(init: _Init, spec: TinyMoeSpec, layer: int) -> dict[str, torch.Tensor]:
     p = f"model.layers.{layer}"
     h, hd = spec.hidden_size, spec.head_dim
     q_out, kv_out = spec.num_attention_heads * hd, spec.num_key_value_heads * hd
-    t: dict[str, torch.Tensor] = {
-        f"{p}.input_layernorm.weight": init.norm(h),
-        f"{p}.self_attn.q_proj.weight": init.linear(q_out, h),
-        f"{p}.self_attn.k_proj.weight": init.linear(kv_out, h),
-        f"{p}.self_attn.v_proj.weight": init.linear(kv_out, h),
-        f"{p}.self_attn.o_proj.weight": init.linear(h, q_out),
-        f"{p}.post_attention_layernorm.weight": init.norm(h),
-    }
-    if spec.attention_bias:
+    t: dict[str, torch.Tensor] = {f"{p}.input_layernorm.weight": init.norm(h)}
+    if spec.mla:
+        t.update(_mla_attention(init, spec, f"{p}.self_attn"))
+    else:
+        t.update({
+            f"{p}.self_attn.q_proj.weight": init.linear(q_out, h),
+            f"{p}.self_attn.k_proj.weight": init.linear(kv_out, h),
+            f"{p}.self_attn.v_proj.weight": init.linear(kv_out, h),
+            f"{p}.self_attn.o_proj.weight": init.linear(h, q_out),
+        })  # fmt: skip
+    t[f"{p}.post_attention_layernorm.weight"] = init.norm(h)
+    if spec.attention_bias and not spec.mla:
         t[f"{p}.self_attn.q_proj.bias"] = init.normal(q_out, std=0.1)
         t[f"{p}.self_attn.k_proj.bias"] = init.normal(kv_out, std=0.1)
         t[f"{p}.self_attn.v_proj.bias"] = init.normal(kv_out, std=0.1)
-    if spec.use_qk_norm:
+    if spec.use_qk_norm and not spec.mla:
         t[f"{p}.self_attn.q_norm.weight"] = init.norm(hd)
         t[f"{p}.self_attn.k_norm.weight"] = init.norm(hd)
     if layer < spec.first_k_dense_replace:
@@ -195,7 +283,8 @@ def _decoder_layer(init: _Init, spec: TinyGlmSpec, layer: int) -> dict[str, torc
         return t
     # Router: logits of order 1 so that sigmoid scores and the top-k choice vary per token.
     t[f"{p}.mlp.gate.weight"] = init.linear(spec.n_routed_experts, h)
-    t[f"{p}.mlp.gate.e_score_correction_bias"] = init.normal(spec.n_routed_experts, std=0.05)
+    if not spec.softmax_routing:
+        t[f"{p}.mlp.gate.e_score_correction_bias"] = init.normal(spec.n_routed_experts, std=0.05)
     for e in range(spec.n_routed_experts):
         t.update(_mlp(init, f"{p}.mlp.experts.{e}", h, spec.moe_intermediate_size))
     if spec.n_shared_experts:
@@ -210,7 +299,7 @@ def _decoder_layer(init: _Init, spec: TinyGlmSpec, layer: int) -> dict[str, torc
     return t
 
 
-def build_state_dict(spec: TinyGlmSpec) -> dict[str, torch.Tensor]:
+def build_state_dict(spec: TinyMoeSpec) -> dict[str, torch.Tensor]:
     """All checkpoint tensors, in the order a HF checkpoint lists them."""
     init = _Init(spec.seed, DTYPES[spec.dtype])
     h, v = spec.hidden_size, spec.vocab_size
@@ -231,7 +320,7 @@ def build_state_dict(spec: TinyGlmSpec) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _mtp_layer(init: _Init, spec: TinyGlmSpec, layer: int, tensors: dict) -> dict[str, torch.Tensor]:
+def _mtp_layer(init: _Init, spec: TinyMoeSpec, layer: int, tensors: dict) -> dict[str, torch.Tensor]:
     """An MTP layer that drafts tokens the target often accepts.
 
     A random MTP layer never guesses the target's next-next token, so every acceptance rate
@@ -249,8 +338,13 @@ def _mtp_layer(init: _Init, spec: TinyGlmSpec, layer: int, tensors: dict) -> dic
         if name.endswith(("o_proj.weight", "down_proj.weight")):
             block[name] = (block[name].float() * 0.3).to(init.dtype)
     eh_proj = torch.cat([torch.eye(h), init.linear(h, h, gain=0.1).float()], dim=1)
+    extra = {}
+    if spec.family.startswith("deepseek"):
+        # DeepSeek-V3 checkpoints repeat the embedding in the MTP layer.
+        extra[f"{p}.embed_tokens.weight"] = tensors["model.embed_tokens.weight"].clone()
     return {
         **block,
+        **extra,
         f"{p}.enorm.weight": init.norm(h),
         f"{p}.hnorm.weight": init.norm(h),
         f"{p}.eh_proj.weight": eh_proj.to(init.dtype),
@@ -259,11 +353,12 @@ def _mtp_layer(init: _Init, spec: TinyGlmSpec, layer: int, tensors: dict) -> dic
     }
 
 
-def hf_config(spec: TinyGlmSpec, eos_token_id: int) -> dict:
-    """config.json as GLM-4.5 ships it, with the tiny sizes."""
-    return {
-        "architectures": ["Glm4MoeForCausalLM"],
-        "model_type": "glm4_moe",
+def hf_config(spec: TinyMoeSpec, eos_token_id: int) -> dict:
+    """config.json as the family's models ship it, with the tiny sizes."""
+    arch, _, model_type = FAMILIES[spec.family]
+    config = {
+        "architectures": [arch],
+        "model_type": model_type,
         "attention_bias": spec.attention_bias,
         "attention_dropout": 0.0,
         "eos_token_id": eos_token_id,
@@ -296,14 +391,39 @@ def hf_config(spec: TinyGlmSpec, eos_token_id: int) -> dict:
         "use_qk_norm": spec.use_qk_norm,
         "vocab_size": spec.vocab_size,
     }
+    if not spec.mla:
+        return config
+    for key in ("head_dim", "partial_rotary_factor", "use_qk_norm"):
+        del config[key]
+    config.update(
+        {name: getattr(spec, name) or None for name in _MLA_FIELDS},
+        attention_bias=False,
+        num_key_value_heads=spec.num_attention_heads,
+        moe_layer_freq=1,
+        rope_theta=10000,
+        # What vLLM's DeepSeek router reads (transformers 5 writes neither for V3).
+        topk_method="greedy" if spec.softmax_routing else "noaux_tc",
+        scoring_func="softmax" if spec.softmax_routing else "sigmoid",
+    )
+    if spec.family == "glm4_moe_lite":
+        # transformers 5 describes the dense/MoE split per layer; vLLM reads first_k_dense_replace.
+        config["mlp_layer_types"] = [
+            "dense" if i < spec.first_k_dense_replace else "sparse" for i in range(spec.num_hidden_layers)
+        ]
+    return config
 
 
-def spec_fingerprint(spec: TinyGlmSpec) -> str:
-    payload = json.dumps(dataclasses.asdict(spec), sort_keys=True) + _CORPUS
+def spec_fingerprint(spec: TinyMoeSpec) -> str:
+    fields = dataclasses.asdict(spec)
+    if spec.family == "glm4_moe":
+        # Fields a GLM-4 MoE checkpoint does not use leave its fingerprint as it always was.
+        for name in ("family", *_MLA_FIELDS):
+            del fields[name]
+    payload = json.dumps(fields, sort_keys=True) + _CORPUS
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def write_tiny_model(out_dir: str | Path, spec: TinyGlmSpec) -> Path:
+def write_tiny_model(out_dir: str | Path, spec: TinyMoeSpec) -> Path:
     """Write the checkpoint, config and tokenizer to ``out_dir``; return the directory.
 
     Re-running with the same spec on an existing directory is a no-op (checked by fingerprint).

@@ -1,8 +1,11 @@
-"""vLLM-side wiring of fused shared experts, shared by the GLM-4 MoE main and MTP models.
+"""The family-neutral FSE core on the vLLM side: construction hook, loading, plan log, mixin.
 
-Construction: upstream ``Glm4MoE.__init__`` asks ``resolve_layer_fused_shared_expert`` whether
-to fuse and builds its experts with ``FusedMoEFactory``. While a plugin model is constructed,
-:func:`glm4_moe_construction` answers the first from the plugin's :class:`FsePlan` and, on the
+Every supported family builds its MoE block the same way upstream: the block's ``__init__``
+asks ``resolve_layer_fused_shared_expert`` whether to fuse and builds its experts with
+``FusedMoEFactory``, both names read from the block's own module. A family adapter
+(:class:`MoeFamily`) says which module and block that is and how to build the family's dense
+shared-expert MLP; everything else lives here. While a plugin model is constructed,
+:func:`moe_construction` answers the first from the plugin's :class:`FsePlan` and, on the
 backend-neutral path, turns the second into a FusedMoE with ``n_routed + n_shared`` experts and
 ``top_k + n_shared`` slots per token whose router is vLLM's own router for the routed experts;
 :class:`~vllm_fse.models.shared_slot_experts.SharedSlotExperts` adds the shared slots to each
@@ -17,8 +20,10 @@ error instead of a silent zero.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import re
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 from vllm.model_executor.layers.fused_moe.router.router_factory import (
@@ -34,26 +39,74 @@ from vllm_fse.patches import resolve_widened_moe_configs
 # The MoE block's module that holds the dense shared-expert MLP of the split path (VLLM_FSE=auto).
 SPLIT_MLP = "fse_split_mlp"
 
-# FusedMoE shard ids -> checkpoint projection names (GLM: gate=w1, up=w3, down=w2).
+# FusedMoE shard ids -> checkpoint projection names (gate=w1, up=w3, down=w2).
 _SHARD_TO_PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 
 
-def shared_slot_weight(routed_scaling_factor: float, apply_routed_scale_to_output: bool) -> float:
-    """The slot weight that makes the fused sum equal the unfused one.
+@dataclass(frozen=True)
+class MoeFamily:
+    """What a model family does differently from the core: nothing else is family-specific.
+
+    ``module`` is the upstream module whose MoE block (``moe_block``, a class in it) reads
+    ``resolve_layer_fused_shared_expert`` and ``FusedMoEFactory`` from the module's globals;
+    ``split_mlp`` builds the family's own dense shared-expert MLP (keyword arguments
+    ``hidden_size``, ``intermediate_size``, ``quant_config``, ``prefix``; output not reduced).
+    Checkpoints name the packed shared expert ``layers.N.mlp.shared_experts.{gate,up,down}_proj``
+    and a layer N has a MoE block when ``N >= first_k_dense_replace`` and
+    ``N % moe_layer_freq == 0``, MTP layers (``N >= num_hidden_layers``) included.
+    """
+
+    name: str
+    module: str
+    moe_block: str
+    split_mlp: Callable[..., torch.nn.Module]
+
+    def upstream(self):
+        return importlib.import_module(self.module)
+
+    def moe_block_cls(self) -> type:
+        return getattr(self.upstream(), self.moe_block)
+
+
+def moe_layer_indices(hf_config) -> frozenset[int]:
+    """Decoder-layer indices with a MoE block in the checkpoint, MTP layers included."""
+    n_layers = hf_config.num_hidden_layers
+    n_mtp = getattr(hf_config, "num_nextn_predict_layers", 0) or 0
+    first = getattr(hf_config, "first_k_dense_replace", 0) or 0
+    freq = getattr(hf_config, "moe_layer_freq", 1) or 1
+    return frozenset(
+        layer for layer in range(n_layers + n_mtp) if layer >= n_layers or (layer >= first and layer % freq == 0)
+    )
+
+
+def shared_slot_scaling(
+    routed_scaling_factor: float, apply_routed_scale_to_output: bool, dtype: torch.dtype | None = None
+) -> tuple[float, float]:
+    """(shared-slot weight, scale the runner applies to the MoE output) that make the fused sum
+    equal the unfused one.
 
     Unfused: ``rsf * sum_k w_k E_k(x) + S(x)`` when the runner scales the routed output by rsf,
     or ``sum_k (rsf * w_k) E_k(x) + S(x)`` when rsf is folded into the routed weights. The shared
     slot sits inside the scaled sum, so it gets ``1/rsf`` in the first case and ``1`` in the
     second; ``rsf`` there would scale the shared expert by rsf**2 / rsf (upstream lost 48 gsm8k
-    points that way).
+    points that way). In float16 upstream's runner guards against overflow by dividing the shared
+    output by rsf instead of scaling the routed one (``sum_k w_k E_k(x) + S(x) / rsf``, which
+    DeepSeek's decoder layer compensates); fused, that is the slot at ``1/rsf`` with no output
+    scale.
     """
-    if apply_routed_scale_to_output and routed_scaling_factor:
-        return 1.0 / routed_scaling_factor
-    return 1.0
+    if not apply_routed_scale_to_output or not routed_scaling_factor or routed_scaling_factor == 1.0:
+        return 1.0, routed_scaling_factor
+    if dtype == torch.float16:
+        return 1.0 / routed_scaling_factor, 1.0
+    return 1.0 / routed_scaling_factor, routed_scaling_factor
 
 
 def _backend_neutral_factory(
-    plan: FsePlan, switch: SwitchPoint, build_split_mlp: Callable[..., torch.nn.Module], real_factory: Callable
+    plan: FsePlan,
+    switch: SwitchPoint,
+    build_split_mlp: Callable[..., torch.nn.Module],
+    real_factory: Callable,
+    dtype: torch.dtype | None,
 ) -> Callable:
     def factory(
         *,
@@ -97,11 +150,12 @@ def _backend_neutral_factory(
             routed_scaling_factor=1.0 if apply_routed_scale_to_output else routed_scaling_factor,
             e_score_correction_bias=kwargs.get("e_score_correction_bias"),
         )
+        slot_weight, output_scale = shared_slot_scaling(routed_scaling_factor, apply_routed_scale_to_output, dtype)
         runner = real_factory(
             num_experts=num_experts + n_shared_experts,
             top_k=top_k + n_shared_experts,
             router=routed,
-            routed_scaling_factor=routed_scaling_factor,
+            routed_scaling_factor=output_scale,
             apply_routed_scale_to_output=apply_routed_scale_to_output,
             **kwargs,
         )
@@ -127,7 +181,7 @@ def _backend_neutral_factory(
             switch,
             n_routed=num_experts,
             n_shared=n_shared_experts,
-            slot_weight=shared_slot_weight(routed_scaling_factor, apply_routed_scale_to_output),
+            slot_weight=slot_weight,
             split_mlp=split_mlp,
         )
         return runner
@@ -136,38 +190,39 @@ def _backend_neutral_factory(
 
 
 @contextlib.contextmanager
-def glm4_moe_construction(
-    plan: FsePlan, switch: SwitchPoint | None, build_split_mlp: Callable[..., torch.nn.Module]
+def moe_construction(
+    family: MoeFamily,
+    plan: FsePlan,
+    switch: SwitchPoint | None,
+    build_split_mlp: Callable[..., torch.nn.Module],
+    dtype: torch.dtype | None = None,
 ) -> Iterator[None]:
-    """Build upstream GLM-4 MoE blocks according to ``plan`` (see the module docstring).
+    """Build the family's upstream MoE blocks according to ``plan`` (see the module docstring).
 
-    Swaps two names in ``vllm.model_executor.models.glm4_moe`` for the duration of one model's
-    construction (single-threaded, restored on exit); see :mod:`vllm_fse.patches`.
+    Swaps two names in the family's upstream module for the duration of one model's construction
+    (single-threaded, restored on exit); see :mod:`vllm_fse.patches`.
     """
-    from vllm.model_executor.models import glm4_moe
-
-    real_resolve = glm4_moe.resolve_layer_fused_shared_expert
-    real_factory = glm4_moe.FusedMoEFactory
-    glm4_moe.resolve_layer_fused_shared_expert = lambda quant_config, prefix, *a, **k: plan.enabled
+    module = family.upstream()
+    real_resolve = module.resolve_layer_fused_shared_expert
+    real_factory = module.FusedMoEFactory
+    module.resolve_layer_fused_shared_expert = lambda quant_config, prefix, *a, **k: plan.enabled
     if plan.path is FsePath.BACKEND_NEUTRAL:
-        glm4_moe.FusedMoEFactory = _backend_neutral_factory(plan, switch, build_split_mlp, real_factory)
+        module.FusedMoEFactory = _backend_neutral_factory(plan, switch, build_split_mlp, real_factory, dtype)
     try:
         yield
     finally:
-        glm4_moe.resolve_layer_fused_shared_expert = real_resolve
-        glm4_moe.FusedMoEFactory = real_factory
+        module.resolve_layer_fused_shared_expert = real_resolve
+        module.FusedMoEFactory = real_factory
 
 
 def checkpoint_layout(hf_config, plan: FsePlan) -> SharedExpertLayout:
-    """The splitter's view of a GLM-4 MoE checkpoint: every MoE layer, MTP layers included."""
-    n_layers = hf_config.num_hidden_layers
-    n_mtp = getattr(hf_config, "num_nextn_predict_layers", 0) or 0
+    """The splitter's view of the checkpoint: every MoE layer, MTP layers included."""
     return SharedExpertLayout(
         n_routed_experts=plan.n_routed_experts,
         n_shared_experts=plan.n_shared_experts if plan.enabled else 0,
         hidden_size=hf_config.hidden_size,
         moe_intermediate_size=hf_config.moe_intermediate_size,
-        moe_layers=frozenset(range(hf_config.first_k_dense_replace, n_layers + n_mtp)),
+        moe_layers=moe_layer_indices(hf_config),
         format=plan.format,
         dense_copy=SPLIT_MLP if plan.switch is FseSwitch.AUTO else None,
     )
@@ -369,13 +424,16 @@ def _ranges(indices: list[int]) -> str:
 
 
 class FusedSharedExpertsMixin:
-    """Put before an upstream GLM-4 MoE model class: builds it under :func:`plan_fse`'s plan and
-    loads its weights through the splitter with slot verification.
+    """Put before an upstream model class of a :class:`MoeFamily`: builds it under
+    :func:`plan_fse`'s plan and loads its weights through the splitter with slot verification.
 
-    Subclasses say where their MoE blocks are (:meth:`fse_moe_blocks`) and may add a step after
-    construction or a filter on the checkpoint.
+    An adapter sets ``fse_family`` and, for an MTP draft, ``fse_draft = True``; that is all it
+    has to say. Main models keep their MoE blocks at ``model.layers[i].mlp`` (``layer_idx``),
+    drafts at ``model.layers[str(i)].mtp_block.mlp``, as every supported family does upstream.
     """
 
+    fse_family: MoeFamily
+    fse_draft: bool = False
     fse_plan: FsePlan
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
@@ -388,7 +446,8 @@ class FusedSharedExpertsMixin:
                 if plan.switch is FseSwitch.AUTO
                 else SwitchPoint.always_fused(max_tokens)
             )
-        with glm4_moe_construction(plan, switch, self.fse_build_split_mlp):
+        dtype = vllm_config.model_config.dtype
+        with moe_construction(self.fse_family, plan, switch, self.fse_family.split_mlp, dtype):
             super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.fse_plan = plan
         self.fse_switch = switch
@@ -398,35 +457,29 @@ class FusedSharedExpertsMixin:
                 # Under the block, so the checkpoint's shared-expert tensors load into it.
                 block.add_module(SPLIT_MLP, slots.split_mlp)
         log_plan(type(self).__name__, plan, self.fse_moe_blocks())
-        self.fse_after_init()
-
-    def fse_build_split_mlp(
-        self, *, hidden_size: int, intermediate_size: int, quant_config, prefix: str
-    ) -> torch.nn.Module:
-        """The dense shared-expert MLP of the split path: the family's own MLP class, as
-        upstream builds it unfused (its output is reduced with the routed experts')."""
-        from vllm.model_executor.models.glm4_moe import Glm4MoeMLP
-
-        return Glm4MoeMLP(
-            hidden_size=hidden_size,
-            intermediate_size=intermediate_size,
-            hidden_act="silu",
-            quant_config=quant_config,
-            reduce_results=False,
-            prefix=prefix,
-        )
+        if self.fse_draft:
+            check_draft_agrees_with_target(plan)
+        else:
+            record_target_plan(plan)
 
     def fse_moe_blocks(self) -> dict[int, torch.nn.Module]:
         """Layer index -> MoE block, for the layers this rank holds."""
-        raise NotImplementedError
-
-    def fse_after_init(self) -> None:
-        pass
+        block_cls = self.fse_family.moe_block_cls()
+        if self.fse_draft:
+            found = ((int(i), getattr(layer.mtp_block, "mlp", None)) for i, layer in self.model.layers.items())
+        else:
+            found = ((getattr(layer, "layer_idx", None), getattr(layer, "mlp", None)) for layer in self.model.layers)
+        return {i: block for i, block in found if isinstance(block, block_cls)}
 
     def fse_checkpoint_weights(
         self, weights: Iterable[tuple[str, torch.Tensor]]
     ) -> Iterable[tuple[str, torch.Tensor]]:
-        return weights
+        if self.fse_draft:
+            return weights
+        from vllm.model_executor.models.utils import skip_spec_layers
+
+        # MTP tensors belong to the draft model: drop them before splitting.
+        return skip_spec_layers(weights, self.config)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         return load_with_fused_shared_experts(

@@ -2,31 +2,31 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
-from vllm.model_executor.models.glm4_moe import Glm4MoE
 from vllm.model_executor.models.glm4_moe import (
     Glm4MoeForCausalLM as UpstreamGlm4MoeForCausalLM,
 )
-from vllm.model_executor.models.utils import skip_spec_layers
 
-from vllm_fse.models.fused_shared_experts import FusedSharedExpertsMixin, record_target_plan
+from vllm_fse.models.fused_shared_experts import FusedSharedExpertsMixin, MoeFamily
+
+
+def glm4_moe_split_mlp(*, hidden_size: int, intermediate_size: int, quant_config, prefix: str) -> torch.nn.Module:
+    """The shared-expert MLP as ``Glm4MoE`` builds it unfused."""
+    from vllm.model_executor.models.glm4_moe import Glm4MoeMLP
+
+    return Glm4MoeMLP(
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        hidden_act="silu",
+        quant_config=quant_config,
+        reduce_results=False,
+        prefix=prefix,
+    )
+
+
+# Also GLM-4.7-Flash's: ``Glm4MoeLite`` is a ``Glm4MoE``.
+GLM4_MOE = MoeFamily("GLM-4 MoE", "vllm.model_executor.models.glm4_moe", "Glm4MoE", glm4_moe_split_mlp)
 
 
 class FseGlm4MoeForCausalLM(FusedSharedExpertsMixin, UpstreamGlm4MoeForCausalLM):
-    def fse_moe_blocks(self) -> dict[int, Glm4MoE]:
-        return {
-            layer.layer_idx: layer.mlp
-            for layer in self.model.layers
-            if isinstance(getattr(layer, "mlp", None), Glm4MoE)
-        }
-
-    def fse_after_init(self) -> None:
-        record_target_plan(self.fse_plan)
-
-    def fse_checkpoint_weights(
-        self, weights: Iterable[tuple[str, torch.Tensor]]
-    ) -> Iterable[tuple[str, torch.Tensor]]:
-        # MTP tensors belong to the draft model: drop them before splitting.
-        return skip_spec_layers(weights, self.config)
+    fse_family = GLM4_MOE
