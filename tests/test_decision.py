@@ -18,13 +18,17 @@ from vllm_fse.loading import FormatKind
 pytestmark = pytest.mark.unit
 
 
-def _config(n_shared=1, quantization_config=None, eplb=False, lora=False, quant_config=None, quantization=None):
+def _config(n_shared=1, quantization_config=None, eplb=False, lora=False, quant_config=None, quantization=None,
+            ep_size=1, placement="linear"):  # fmt: skip
     hf = SimpleNamespace(n_routed_experts=160, n_shared_experts=n_shared)
     if quantization_config is not None:
         hf.quantization_config = quantization_config
     return SimpleNamespace(
         model_config=SimpleNamespace(hf_config=hf, quantization=quantization),
-        parallel_config=SimpleNamespace(enable_eplb=eplb),
+        parallel_config=SimpleNamespace(
+            enable_eplb=eplb, enable_expert_parallel=ep_size > 1, tensor_parallel_size=ep_size,
+            data_parallel_size=1, expert_placement_strategy=placement,
+        ),  # fmt: skip
         lora_config=object() if lora else None,
         quant_config=quant_config,
     )
@@ -215,3 +219,56 @@ def test_expert_parallel_places_each_shared_slot_on_exactly_one_rank(ep_size, n_
         for slot in slots:
             owners[slot] += 1 if expert_map is None else int(expert_map[slot] >= 0)
     assert set(owners.values()) == {1}
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "1e9x", "two", "1.5"])
+def test_a_malformed_replica_count_is_an_error_naming_the_variable_and_accepted_values(platform, monkeypatch, value):
+    monkeypatch.setenv("VLLM_FSE", "1")
+    monkeypatch.setenv("VLLM_FSE_SHARED_REPLICAS", value)
+    with pytest.raises(decision.FseSettingError, match=rf"^VLLM_FSE_SHARED_REPLICAS={value!r} is not accepted: use a whole number >= 1"):
+        plan_fse(_config())
+
+
+def test_replicas_widen_the_slot_range_and_default_to_one_copy(platform, monkeypatch):
+    monkeypatch.setenv("VLLM_FSE", "1")
+    assert plan_fse(_config(n_shared=2)).slots == range(160, 162)
+    monkeypatch.setenv("VLLM_FSE_SHARED_REPLICAS", "3")
+    plan = plan_fse(_config(n_shared=2))
+    assert plan.shared_replicas == 3 and plan.slots == range(160, 166)
+
+
+def test_replicas_default_to_the_ep_size_only_where_placement_spreads_them(platform, monkeypatch, warnings):
+    monkeypatch.setenv("VLLM_FSE", "1")
+    assert plan_fse(_config(ep_size=8, placement="round_robin")).shared_replicas == 8
+    assert plan_fse(_config(ep_size=8, placement="linear")).shared_replicas == 1
+    monkeypatch.setenv("VLLM_FSE_SHARED_REPLICAS", "8")
+    assert plan_fse(_config(ep_size=8, placement="linear")).shared_replicas == 8
+    assert any("puts every replica on the last rank" in w for w in warnings())
+
+
+def test_replicas_are_ignored_on_the_aiter_path_with_a_warning(platform, monkeypatch, warnings):
+    platform(rocm=True, aiter_moe=True, aiter_fse=True)
+    monkeypatch.setenv("VLLM_FSE_SHARED_REPLICAS", "4")
+    assert plan_fse(_config()).shared_replicas == 1
+    assert any("VLLM_FSE_SHARED_REPLICAS=4 is ignored on the ROCm AITER path" in w for w in warnings())
+
+
+@pytest.mark.parametrize(("n_routed", "n_shared", "ep_size"), [(256, 1, 8), (64, 2, 4), (160, 1, 4), (8, 2, 2)])
+def test_round_robin_placement_gives_every_ep_rank_an_equal_share_of_the_shared_work(n_routed, n_shared, ep_size):
+    """With one replica per rank, tokens round-robin over the replicas and vLLM's round-robin
+    placement puts the replicas' slots on different ranks: every rank computes the same number of
+    shared-expert token rows (without replicas, one rank computes them all)."""
+    from vllm.model_executor.layers.fused_moe.expert_map_manager import determine_expert_map
+
+    from vllm_fse.models.shared_slot_experts import shared_slot_ids
+
+    def shared_rows_per_rank(replicas: int) -> list[int]:
+        maps = [determine_expert_map(ep_size, r, n_routed + n_shared * replicas, "round_robin")[1] for r in range(ep_size)]
+        ids = shared_slot_ids(4 * ep_size, n_routed, n_shared, replicas)  # 4 steps' worth of tokens
+        owners = [[rank for rank in range(ep_size) if maps[rank][slot] >= 0] for slot in ids.flatten().tolist()]
+        assert all(len(o) == 1 for o in owners)  # each slot computed exactly once
+        return [sum(o == [rank] for o in owners) for rank in range(ep_size)]
+
+    spread = shared_rows_per_rank(ep_size)
+    assert len(set(spread)) == 1 and sum(spread) == 4 * ep_size * n_shared
+    assert sum(1 for rows in shared_rows_per_rank(1) if rows) <= n_shared  # unreplicated: n_shared ranks at most

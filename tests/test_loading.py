@@ -131,6 +131,29 @@ def test_mtp_layer_beyond_num_hidden_layers_splits_like_any_moe_layer():
     }
 
 
+@pytest.mark.parametrize("replicas", [2, 3])
+def test_every_replica_slot_gets_its_shared_experts_chunk_and_the_tracker_expects_them_all(replicas):
+    layout = dataclasses.replace(_layout(n_shared=2), shared_replicas=replicas)
+    assert layout.slots == range(N_ROUTED, N_ROUTED + 2 * replicas)
+    tensors = _shared(layout, 1)
+    out = dict(split_shared_experts(tensors.items(), layout))
+    gate = tensors["model.layers.1.mlp.shared_experts.gate_proj.weight"]
+    for r in range(replicas):
+        for j in range(2):  # replica r holds shared expert j in slot n_routed + r * n_shared + j
+            got = out[f"model.layers.1.mlp.experts.{N_ROUTED + r * 2 + j}.gate_proj.weight"]
+            assert torch.equal(got, gate[j * 8 : (j + 1) * 8])
+    tracker = SlotTracker.for_layers(layout, [1])
+    assert {t.slot for t in tracker.expected} == set(layout.slots)
+
+
+def test_shared_slot_ids_round_robin_tokens_over_replicas():
+    from vllm_fse.models.shared_slot_experts import shared_slot_ids
+
+    assert shared_slot_ids(5, 8, 2, 1).tolist() == [[8, 9]] * 5
+    assert shared_slot_ids(5, 8, 2, 2).tolist() == [[8, 9], [10, 11], [8, 9], [10, 11], [8, 9]]
+    assert shared_slot_ids(4, 8, 1, 3).tolist() == [[8], [9], [10], [8]]
+
+
 # -- quantized formats ------------------------------------------------------------------------
 
 

@@ -18,7 +18,7 @@ SKIP_VERSION_CHECK_ENV = "VLLM_FSE_SKIP_VERSION_CHECK"
 # The plugin's environment variables. They share vLLM's VLLM_ prefix, so vLLM must know them:
 # otherwise it warns "Unknown vLLM environment variable" and, with
 # --fail-on-environ-validation, refuses to start.
-PLUGIN_ENV_VARS = ("VLLM_FSE", "VLLM_FSE_FUSED_MAX_TOKENS", SKIP_VERSION_CHECK_ENV, "VLLM_FSE_CACHE")
+PLUGIN_ENV_VARS = ("VLLM_FSE", "VLLM_FSE_FUSED_MAX_TOKENS", "VLLM_FSE_SHARED_REPLICAS", SKIP_VERSION_CHECK_ENV, "VLLM_FSE_CACHE")
 
 
 def cache_dir():

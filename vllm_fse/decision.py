@@ -1,7 +1,7 @@
 """The one place that decides whether a model runs with fused shared experts, and how.
 
-Both GLM-4 MoE classes (main model and MTP draft) ask :func:`plan_fse`; a model never
-decides on its own. Precedence of the toggles (default: off):
+Every plugin model class (main models and MTP drafts of every family) asks :func:`plan_fse`; a
+model never decides on its own. Precedence of the toggles (default: off):
 
 1. ``VLLM_FSE=0`` forces FSE off everywhere, whatever else is set.
 2. ``VLLM_FSE=1`` turns it on for any platform: every step runs fused.
@@ -34,6 +34,7 @@ from vllm_fse.loading import (
 
 FSE_ENV = "VLLM_FSE"
 FUSED_MAX_TOKENS_ENV = "VLLM_FSE_FUSED_MAX_TOKENS"
+SHARED_REPLICAS_ENV = "VLLM_FSE_SHARED_REPLICAS"
 AITER_FSE_ENV = "VLLM_ROCM_USE_AITER_FUSION_SHARED_EXPERTS"
 FSE_VALUES = ("0", "1", "auto")
 
@@ -68,6 +69,8 @@ class FsePlan:
     switch: FseSwitch = FseSwitch.ALWAYS_FUSED
     # VLLM_FSE_FUSED_MAX_TOKENS under auto; None: measured at startup.
     fused_max_tokens: int | None = None
+    # Copies of each shared expert (VLLM_FSE_SHARED_REPLICAS); a token uses one of them.
+    shared_replicas: int = 1
 
     @property
     def enabled(self) -> bool:
@@ -75,7 +78,9 @@ class FsePlan:
 
     @property
     def slots(self) -> range:
-        return range(self.n_routed_experts, self.n_routed_experts + self.n_shared_experts)
+        """Every shared slot of a layer, replicas included (replica r: ``n_shared`` slots from
+        ``n_routed + r * n_shared``)."""
+        return range(self.n_routed_experts, self.n_routed_experts + self.n_shared_experts * self.shared_replicas)
 
 
 def _env_fse() -> str | None:
@@ -104,10 +109,25 @@ def env_fused_max_tokens() -> int | None:
     return int(text)
 
 
+def env_shared_replicas() -> int | None:
+    """``VLLM_FSE_SHARED_REPLICAS``: a count >= 1, or None when unset."""
+    value = os.environ.get(SHARED_REPLICAS_ENV)
+    if value is None or value.strip() == "":
+        return None
+    text = value.strip()
+    if not text.isdigit() or int(text) < 1:
+        raise FseSettingError(
+            f"{SHARED_REPLICAS_ENV}={value!r} is not accepted: use a whole number >= 1 (copies of each "
+            "shared expert; 1 = no extra copy)"
+        )
+    return int(text)
+
+
 def validate_env() -> None:
     """Raise :class:`FseSettingError` for any plugin variable with a bad value."""
     _env_fse()
     env_fused_max_tokens()
+    env_shared_replicas()
 
 
 def _on_rocm() -> bool:
@@ -163,6 +183,7 @@ def plan_fse(vllm_config) -> FsePlan:
 
     requested = _env_fse()
     max_tokens = env_fused_max_tokens()
+    replicas = env_shared_replicas()
     if requested == "0":
         return FsePlan(FsePath.OFF, f"{FSE_ENV}=0")
     forced = requested is not None
@@ -204,6 +225,29 @@ def plan_fse(vllm_config) -> FsePlan:
             )
         else:
             switch = FseSwitch.AUTO
+    parallel = vllm_config.parallel_config
+    ep_size = parallel.tensor_parallel_size * parallel.data_parallel_size if parallel.enable_expert_parallel else 1
+    spread = getattr(parallel, "expert_placement_strategy", "linear") == "round_robin"
+    if replicas is None:
+        # Under expert parallelism one replica per rank lets every rank take a share of the shared
+        # work; vLLM's round-robin placement puts the appended replicas on different ranks,
+        # its linear placement all on the last one(s), where copies would only cost memory.
+        replicas = ep_size if ep_size > 1 and spread else 1
+    elif replicas > 1 and ep_size > 1 and not spread:
+        logger.warning_once(
+            "vllm-fse: %s=%d under expert parallelism with linear expert placement puts every replica "
+            "on the last rank(s), which does not spread the shared work: use "
+            "--expert-placement-strategy round_robin (DeepSeek-V3-style grouped models)",
+            SHARED_REPLICAS_ENV,
+            replicas,
+        )
+    if replicas > 1 and path is FsePath.AITER:
+        logger.warning_once(
+            "vllm-fse: %s=%d is ignored on the ROCm AITER path (its shared slots are AITER's own)",
+            SHARED_REPLICAS_ENV,
+            replicas,
+        )
+        replicas = 1
     return FsePlan(
         path,
         f"requested by {requested_by}",
@@ -212,6 +256,7 @@ def plan_fse(vllm_config) -> FsePlan:
         fmt,
         switch=switch,
         fused_max_tokens=max_tokens if switch is FseSwitch.AUTO else None,
+        shared_replicas=replicas,
     )
 
 

@@ -39,6 +39,7 @@ def describe_model(model) -> dict[str, Any]:
                 "router": type(runner.router).__qualname__,
                 "shared_slots": type(slots).__qualname__ if slots is not None else None,
                 "shared_slot_weight": slots.slot_weight if slots is not None else None,
+                "shared_replicas": slots.replicas if slots is not None else None,
                 "top_k": runner.moe_config.experts_per_token,
                 "w13_shape": list(runner.routed_experts.w13_weight.shape),
                 "w2_shape": list(runner.routed_experts.w2_weight.shape),

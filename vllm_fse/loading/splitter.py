@@ -1,10 +1,12 @@
 """Split the checkpoint's packed shared-expert tensors into appended routed-expert slots.
 
-GLM-4.x packs its ``n_shared_experts`` shared experts into one MLP:
+GLM-4.x and DeepSeek-V2/V3 (and the models built on them) pack their ``n_shared_experts`` shared
+experts into one MLP:
 ``mlp.shared_experts.{gate,up}_proj.weight`` is ``[moe_intermediate_size * n_shared, hidden]`` and
 ``down_proj.weight`` is ``[hidden, moe_intermediate_size * n_shared]``. Chunk ``j`` of the
 intermediate dim is shared expert ``j``, which FSE loads as routed slot
-``mlp.experts.{n_routed_experts + j}``. (The packed MLP computes the sum of the chunks' outputs,
+``mlp.experts.{n_routed_experts + j}`` (and, with replicas, also as slot
+``n_routed_experts + r * n_shared + j`` of replica ``r``). (The packed MLP computes the sum of the chunks' outputs,
 so routing a token to every slot at weight 1 reproduces it exactly.)
 """
 
@@ -57,6 +59,9 @@ class SharedExpertLayout:
     # Also pass each packed shared-expert tensor on whole, renamed to ``mlp.{dense_copy}.*``:
     # the weights of a dense MLP that runs the shared experts when a step is split.
     dense_copy: str | None = None
+    # Copies of each shared expert: replica r holds shared expert j in slot
+    # ``n_routed + r * n_shared + j``.
+    shared_replicas: int = 1
 
     @property
     def enabled(self) -> bool:
@@ -64,10 +69,14 @@ class SharedExpertLayout:
 
     @property
     def slots(self) -> range:
-        return range(self.n_routed_experts, self.n_routed_experts + (self.n_shared_experts or 0))
+        return range(
+            self.n_routed_experts, self.n_routed_experts + (self.n_shared_experts or 0) * self.shared_replicas
+        )
 
-    def slot_name(self, head: str, j: int, rest: str) -> str:
-        return f"{head}experts.{self.n_routed_experts + j}.{rest}"
+    def slot_names(self, head: str, j: int, rest: str) -> list[str]:
+        """The names shared expert ``j``'s tensor is loaded under: one per replica."""
+        n = self.n_shared_experts
+        return [f"{head}experts.{self.n_routed_experts + r * n + j}.{rest}" for r in range(self.shared_replicas)]
 
 
 @dataclass(frozen=True, order=True)
@@ -196,7 +205,7 @@ def split_shared_experts(
         if proj not in PROJECTIONS or not suffix:
             raise UnsupportedSharedExpertFormat(
                 f"{_describe(name, tensor, layout)}: unknown shared-expert projection "
-                f"(expected one of {', '.join(PROJECTIONS)} in the GLM layout)"
+                f"(expected one of {', '.join(PROJECTIONS)})"
             )
         if layer not in layout.moe_layers:
             raise SharedExpertWeightError(
@@ -219,7 +228,8 @@ def split_shared_experts(
         else:
             chunks = _scale_chunks(name, proj, suffix, split, tensor, layout)
         for j, chunk in enumerate(chunks):
-            yield layout.slot_name(match["head"], j, match["rest"]), chunk
+            for slot_name in layout.slot_names(match["head"], j, match["rest"]):
+                yield slot_name, chunk
         if layout.dense_copy:
             yield f"{match['head']}{layout.dense_copy}.{match['rest']}", tensor
         # Hold nothing while the next tensor is read: a checkpoint tensor is a view of its

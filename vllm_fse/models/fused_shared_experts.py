@@ -53,7 +53,7 @@ class MoeFamily:
     ``hidden_size``, ``intermediate_size``, ``quant_config``, ``prefix``; output not reduced).
     Checkpoints name the packed shared expert ``layers.N.mlp.shared_experts.{gate,up,down}_proj``
     and a layer N has a MoE block when ``N >= first_k_dense_replace`` and
-    ``N % moe_layer_freq == 0``, MTP layers (``N >= num_hidden_layers``) included.
+    ``N % moe_layer_freq == 0``, MTP layers (``N >= num_hidden_layers``) included, as upstream.
     """
 
     name: str
@@ -74,9 +74,8 @@ def moe_layer_indices(hf_config) -> frozenset[int]:
     n_mtp = getattr(hf_config, "num_nextn_predict_layers", 0) or 0
     first = getattr(hf_config, "first_k_dense_replace", 0) or 0
     freq = getattr(hf_config, "moe_layer_freq", 1) or 1
-    return frozenset(
-        layer for layer in range(n_layers + n_mtp) if layer >= n_layers or (layer >= first and layer % freq == 0)
-    )
+    # Upstream's decoder layers (MTP blocks included) apply this rule to their own index.
+    return frozenset(layer for layer in range(n_layers + n_mtp) if layer >= first and layer % freq == 0)
 
 
 def shared_slot_scaling(
@@ -151,8 +150,9 @@ def _backend_neutral_factory(
             e_score_correction_bias=kwargs.get("e_score_correction_bias"),
         )
         slot_weight, output_scale = shared_slot_scaling(routed_scaling_factor, apply_routed_scale_to_output, dtype)
+        n_slots = n_shared_experts * plan.shared_replicas
         runner = real_factory(
-            num_experts=num_experts + n_shared_experts,
+            num_experts=num_experts + n_slots,
             top_k=top_k + n_shared_experts,
             router=routed,
             routed_scaling_factor=output_scale,
@@ -166,7 +166,7 @@ def _backend_neutral_factory(
                 "so the shared slots cannot be appended; run with VLLM_FSE=0 or pick a modular "
                 "MoE backend (--moe-backend)"
             )
-        resolve_widened_moe_configs(num_experts + n_shared_experts, num_experts)
+        resolve_widened_moe_configs(num_experts + n_slots, num_experts)
         split_mlp = None
         if switch.auto:
             # The model's own shared-expert MLP, under upstream's prefix (quantization rules).
@@ -183,6 +183,7 @@ def _backend_neutral_factory(
             n_shared=n_shared_experts,
             slot_weight=slot_weight,
             split_mlp=split_mlp,
+            replicas=plan.shared_replicas,
         )
         return runner
 
@@ -225,6 +226,7 @@ def checkpoint_layout(hf_config, plan: FsePlan) -> SharedExpertLayout:
         moe_layers=moe_layer_indices(hf_config),
         format=plan.format,
         dense_copy=SPLIT_MLP if plan.switch is FseSwitch.AUTO else None,
+        shared_replicas=plan.shared_replicas,
     )
 
 
@@ -388,6 +390,15 @@ def log_plan(model_name: str, plan: FsePlan, moe_blocks: dict[int, torch.nn.Modu
     else:
         weight, switch = f"{slots.slot_weight:g}", slots.switch
     split_bytes = _split_mlp_bytes(moe_blocks)
+    replicas = ""
+    if plan.shared_replicas > 1 and moe_blocks:
+        routed = next(iter(moe_blocks.values())).experts.routed_experts
+        per_expert = sum(w[0].numel() * w.element_size() for w in (routed.w13_weight, routed.w2_weight))
+        extra = (plan.shared_replicas - 1) * plan.n_shared_experts * per_expert * len(moe_blocks)
+        replicas = (
+            f"; {plan.shared_replicas} replicas of each shared expert (a token uses one, round-robin by "
+            f"position): {plan.shared_replicas - 1} extra per layer, {_format_bytes(extra)} in all"
+        )
 
     def announce() -> None:
         steps = ""
@@ -397,7 +408,7 @@ def log_plan(model_name: str, plan: FsePlan, moe_blocks: dict[int, torch.nn.Modu
                 steps += f"; split path: one dense shared-expert copy per MoE layer, {_format_bytes(split_bytes)} in all"
         logger.info_once(
             "vllm-fse: %s FSE on (%s; %s): %d MoE layers %s, shared slots %s of %d experts per "
-            "layer, shared-slot weight %s%s",
+            "layer, shared-slot weight %s%s%s",
             model_name,
             plan.path.value,
             plan.reason,
@@ -406,6 +417,7 @@ def log_plan(model_name: str, plan: FsePlan, moe_blocks: dict[int, torch.nn.Modu
             f"{plan.slots.start}..{plan.slots.stop - 1}",
             plan.slots.stop,
             weight,
+            replicas,
             steps,
         )
 

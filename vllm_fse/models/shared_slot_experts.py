@@ -135,22 +135,28 @@ class SwitchPoint:
         """Ids and weights ``[tokens, top_k + n_shared]`` whose shared columns were filled once.
 
         Views of one pair of ``[max_num_batched_tokens, ...]`` buffers per model: its MoE layers
-        run one after another, and each kernel reads them before the next layer writes.
+        run one after another, and each kernel reads them before the next layer writes. With
+        replicas, row ``t`` goes to replica ``t % replicas`` (slots ``n_routed + r * n_shared + j``).
         """
         top_k = topk_ids.shape[1]
-        key = (top_k, layer.n_routed, layer.n_shared, layer.slot_weight, topk_ids.dtype, topk_weights.dtype,
-               topk_ids.device)  # fmt: skip
+        key = (top_k, layer.n_routed, layer.n_shared, layer.replicas, layer.slot_weight, topk_ids.dtype,
+               topk_weights.dtype, topk_ids.device)  # fmt: skip
         buffers = self._buffers.get(key)
         if buffers is None or buffers[0].shape[0] < tokens:
             rows = max(tokens, self.max_num_batched_tokens)
             ids = topk_ids.new_empty(rows, top_k + layer.n_shared)
-            ids[:, top_k:] = torch.arange(
-                layer.n_routed, layer.n_routed + layer.n_shared, dtype=ids.dtype, device=ids.device
-            )
+            ids[:, top_k:] = shared_slot_ids(rows, layer.n_routed, layer.n_shared, layer.replicas).to(ids)
             weights = topk_weights.new_empty(rows, top_k + layer.n_shared)
             weights[:, top_k:] = layer.slot_weight
             buffers = self._buffers[key] = (ids, weights)
         return buffers[0][:tokens], buffers[1][:tokens]
+
+
+def shared_slot_ids(rows: int, n_routed: int, n_shared: int, replicas: int = 1) -> torch.Tensor:
+    """``[rows, n_shared]``: row ``t``'s shared slots, of replica ``t % replicas`` (round-robin by
+    token position; every replica holds the same weights, so the choice changes nothing)."""
+    replica = torch.arange(rows).remainder(replicas).unsqueeze(1)
+    return n_routed + replica * n_shared + torch.arange(n_shared).unsqueeze(0)
 
 
 # -- one MoE layer ----------------------------------------------------------------------------
@@ -169,13 +175,15 @@ class SharedSlotExperts:
         n_shared: int,
         slot_weight: float,
         split_mlp: torch.nn.Module | None,
+        replicas: int = 1,
     ) -> None:
         if switch.auto and split_mlp is None:
             raise ValueError("vllm-fse: VLLM_FSE=auto needs a split MLP for every MoE layer")
         self.runner = runner
         self.switch = switch
         self.n_routed = n_routed
-        self.n_shared = n_shared
+        self.n_shared = n_shared  # shared slots per token
+        self.replicas = replicas  # copies of each shared expert (n_shared * replicas slots)
         self.slot_weight = slot_weight
         self.split_mlp = split_mlp
         self.layer_name = runner.layer_name
@@ -319,7 +327,7 @@ def cache_key(layer: SharedSlotExperts, x: torch.Tensor) -> str:
             "hidden": int(x.shape[-1]),
             "w13": list(routed.w13_weight.shape),
             "w2": list(routed.w2_weight.shape),
-            "experts": f"{layer.n_routed}+{layer.n_shared}",
+            "experts": f"{layer.n_routed}+{layer.n_shared}" + (f"x{layer.replicas}" if layer.replicas > 1 else ""),
             "kernel": type(routed.quant_method).__name__,
             "max_num_batched_tokens": layer.switch.max_num_batched_tokens,
             "versions": f"vllm {vllm_version}, torch {torch.__version__}, vllm-fse {fse_version}",

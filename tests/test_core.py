@@ -1,0 +1,64 @@
+"""The family-neutral core's rules, on plain numbers: the shared-slot scaling that makes the
+fused sum equal upstream's unfused one in every mode, and which checkpoint layers hold MoE blocks."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from vllm_fse.models.fused_shared_experts import moe_layer_indices, shared_slot_scaling
+
+pytestmark = pytest.mark.unit
+
+
+def _upstream_unfused(routed: torch.Tensor, shared: torch.Tensor, rsf: float, to_output: bool, dtype) -> torch.Tensor:
+    """What vLLM's runner returns unfused (``_maybe_apply_routed_scale_to_output``); ``routed``
+    is the weighted routed sum with rsf already folded in when ``to_output`` is False."""
+    if to_output and rsf != 1.0:
+        if dtype == torch.float16:
+            return routed + shared * (1.0 / rsf)  # overflow guard: the shared output is divided
+        return routed * rsf + shared
+    return routed + shared
+
+
+def _fused(routed: torch.Tensor, shared: torch.Tensor, rsf: float, to_output: bool, dtype) -> torch.Tensor:
+    """The widened layer: the shared slot inside the kernel's sum, then the runner's output scale
+    (the runner sees no separate shared output, so it always scales when the scale is not 1)."""
+    slot_weight, output_scale = shared_slot_scaling(rsf, to_output, dtype)
+    total = routed + slot_weight * shared
+    return total * output_scale if to_output and output_scale != 1.0 else total
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("to_output", [True, False])
+@pytest.mark.parametrize("rsf", [1.0, 1.8, 2.5, 16.0])
+def test_fused_sum_equals_upstreams_unfused_sum_in_every_mode(rsf, to_output, dtype):
+    gen = torch.Generator().manual_seed(0)
+    routed, shared = torch.randn(4, 8, generator=gen, dtype=torch.float64), torch.randn(4, 8, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(
+        _fused(routed, shared, rsf, to_output, dtype), _upstream_unfused(routed, shared, rsf, to_output, dtype)
+    )
+
+
+def test_a_slot_weight_of_rsf_is_what_the_rule_prevents():
+    # Seed 001's review: weighting the shared slot like a routed expert scales it by rsf twice.
+    assert shared_slot_scaling(2.5, True, torch.bfloat16) == (0.4, 2.5)
+    assert shared_slot_scaling(2.5, False, torch.bfloat16) == (1.0, 2.5)
+    assert shared_slot_scaling(16.0, True, torch.float16) == (1 / 16, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        # GLM-4.5: dense layers before first_k_dense_replace, one MTP layer after the last.
+        (dict(num_hidden_layers=4, first_k_dense_replace=1, num_nextn_predict_layers=1), {1, 2, 3, 4}),
+        # MoE every moe_layer_freq-th layer, the MTP layer (5) by the same rule as upstream's.
+        (dict(num_hidden_layers=5, first_k_dense_replace=1, moe_layer_freq=2, num_nextn_predict_layers=1), {2, 4}),
+        (dict(num_hidden_layers=4, first_k_dense_replace=1, moe_layer_freq=2, num_nextn_predict_layers=1), {2, 4}),
+        (dict(num_hidden_layers=3, first_k_dense_replace=0, num_nextn_predict_layers=0), {0, 1, 2}),
+    ],
+)
+def test_moe_layers_follow_upstreams_rule_with_mtp_layers_included(config, expected):
+    assert moe_layer_indices(SimpleNamespace(**config)) == expected
