@@ -1,4 +1,5 @@
-"""Builds the plugin's GLM-4 MoE model on CPU as if ROCm AITER fused-shared-experts were active.
+"""Builds the plugin's model of a checkpoint (any family) on CPU as if ROCm AITER
+fused-shared-experts were active.
 
 AITER itself cannot run here, so only what needs the AITER library or a ROCm GPU is faked:
 the two ``rocm_aiter_ops`` switches, "on ROCm" for vllm-fse's decision, and AITER's top-k buffer
@@ -24,11 +25,16 @@ def main(model_dir: str, result_path: str, drop: str | None) -> None:
     from vllm.engine.arg_utils import EngineArgs
     from vllm.model_executor.model_loader.weight_utils import safetensors_weights_iterator
     import vllm_fse.decision
+    import importlib
+
+    from vllm_fse import MODEL_OVERRIDES
     from vllm_fse.introspect import describe_model, shared_slot_weights
-    from vllm_fse.models.glm4_moe import FseGlm4MoeForCausalLM
 
     os.environ["VLLM_ROCM_USE_AITER_FUSION_SHARED_EXPERTS"] = "1"
     vllm_config = EngineArgs(model=model_dir, dtype="float32", enforce_eager=True).create_engine_config()
+    (arch,) = vllm_config.model_config.hf_config.architectures
+    module, cls = MODEL_OVERRIDES[arch].split(":")
+    model_cls = getattr(importlib.import_module(module), cls)
 
     recorded = []
     aiter_ops.rocm_aiter_ops.is_fused_moe_enabled = classmethod(lambda cls: True)
@@ -41,7 +47,7 @@ def main(model_dir: str, result_path: str, drop: str | None) -> None:
             world_size=1, rank=0, local_rank=0, distributed_init_method="tcp://127.0.0.1:29517", backend="gloo"
         )
         initialize_model_parallel(1, 1)
-        model = FseGlm4MoeForCausalLM(vllm_config=vllm_config)
+        model = model_cls(vllm_config=vllm_config)
     result = {"describe": describe_model(model), "aiter_topk_buffers": recorded}
     runner = next(iter(model.fse_moe_blocks().values())).experts
     result["runner_routed_scaling_factor"] = runner.routed_scaling_factor

@@ -33,9 +33,10 @@ def _wiring(model_dir, tmp_path, drop: str | None = None) -> dict:
     return result
 
 
-@pytest.fixture(scope="module")
-def wiring(tiny_model, tmp_path_factory):
-    model_dir = tiny_model("tiny", n_shared_experts=N_SHARED)
+# GLM-4.x and DeepSeek-V3 (same sizes, routed_scaling_factor 2.5): one hook per upstream module.
+@pytest.fixture(scope="module", params=["tiny", "tiny-deepseek-v3"])
+def wiring(request, tiny_model, tmp_path_factory):
+    model_dir = tiny_model(request.param, n_shared_experts=N_SHARED)
     return model_dir, _wiring(model_dir, tmp_path_factory.mktemp("aiter"))
 
 
