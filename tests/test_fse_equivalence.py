@@ -65,7 +65,12 @@ def matrices(tiny_model, tmp_path_factory):
 
     def get(tp: int):
         if tp not in built:
-            built[tp] = _build_matrix(tp, tiny_model, tmp_path_factory)
+            try:
+                built[tp] = _build_matrix(tp, tiny_model, tmp_path_factory)
+            except AssertionError as e:  # kept: every test of this TP size fails with it, none reruns the batch
+                built[tp] = e
+        if isinstance(built[tp], AssertionError):
+            raise built[tp]
         return built[tp]
 
     return get

@@ -270,35 +270,56 @@ def _tracked_weight_loaders(moe_blocks: dict[int, torch.nn.Module], plan: FsePla
 _SPLIT_MLP_TENSOR = re.compile(rf"(?:^|\.)layers\.(\d+)\.mlp\.{SPLIT_MLP}\.(gate_proj|up_proj|down_proj)\.(.+)$")
 # Checkpoint projection -> (split MLP module, shard id): vLLM's stacked gate_up_proj.
 _SPLIT_MLP_TARGET = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1), "down_proj": ("down_proj", None)}
+_SLOT_TENSOR = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(.+)$")
+# Checkpoint projection -> (FusedMoE parameter prefix, shard id), as vLLM's expert params mapping.
+_SLOT_TARGET = {"gate_proj": ("w13_", "w1"), "up_proj": ("w13_", "w3"), "down_proj": ("w2_", "w2")}
 
 
-def _load_split_mlps(
+def _load_plugin_tensors(
     weights: Iterable[tuple[str, torch.Tensor]],
     model: torch.nn.Module,
     moe_blocks: dict[int, torch.nn.Module],
+    plan: FsePlan,
     loaded: set[str],
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Load the splitter's whole shared-expert tensors into each block's split MLP (adding the
-    parameters' names to ``loaded``); pass everything else on to the family's loader.
+    """Load what only the plugin has (adding the parameters' names to ``loaded``) and pass
+    everything else on to the family's loader:
 
-    Done here rather than by the family's loader, which knows only its own module names."""
+    - the splitter's whole shared-expert tensors, into each block's split MLP;
+    - slots of replicas beyond the first, which upstream's expert mapping (``n_routed +
+      n_shared`` experts) does not know: straight into the FusedMoE parameters.
+    """
     names = {id(p): n for n, p in model.named_parameters()}
+    first_replica_end = plan.n_routed_experts + plan.n_shared_experts
     for name, tensor in weights:
         match = _SPLIT_MLP_TENSOR.search(name)
-        if match is None:
-            yield name, tensor
+        if match is not None:
+            layer, proj, suffix = int(match[1]), match[2], match[3]
+            block = moe_blocks.get(layer)
+            if block is None:  # a layer another pipeline rank holds
+                continue
+            module_name, shard = _SPLIT_MLP_TARGET[proj]
+            param = getattr(getattr(block, SPLIT_MLP), module_name).get_parameter(suffix)
+            if shard is None:
+                param.weight_loader(param, tensor)
+            else:
+                param.weight_loader(param, tensor, shard)
+            loaded.add(names[id(param)])
             continue
-        layer, proj, suffix = int(match[1]), match[2], match[3]
-        block = moe_blocks.get(layer)
-        if block is None:  # a layer another pipeline rank holds
+        match = _SLOT_TENSOR.search(name)
+        if match is not None and int(match[2]) >= first_replica_end:
+            layer, slot, proj, suffix = int(match[1]), int(match[2]), match[3], match[4]
+            block = moe_blocks.get(layer)
+            if block is None:
+                continue
+            prefix, shard = _SLOT_TARGET[proj]
+            param = block.experts.routed_experts.get_parameter(prefix + suffix)
+            mapped = f"{name[: match.start(2)]}{prefix}{suffix}"
+            # False where expert parallelism puts the slot on another rank (the tracker knows).
+            param.weight_loader(param, tensor, mapped, shard_id=shard, expert_id=slot, return_success=True)
+            loaded.add(names[id(param)])
             continue
-        module_name, shard = _SPLIT_MLP_TARGET[proj]
-        param = getattr(getattr(block, SPLIT_MLP), module_name).get_parameter(suffix)
-        if shard is None:
-            param.weight_loader(param, tensor)
-        else:
-            param.weight_loader(param, tensor, shard)
-        loaded.add(names[id(param)])
+        yield name, tensor
 
 
 def load_with_fused_shared_experts(
@@ -327,7 +348,7 @@ def load_with_fused_shared_experts(
     )
     split_loaded: set[str] = set()
     with _tracked_weight_loaders(moe_blocks, plan, tracker):
-        loaded = load(_load_split_mlps(split_shared_experts(weights, layout), model, moe_blocks, split_loaded))
+        loaded = load(_load_plugin_tensors(split_shared_experts(weights, layout), model, moe_blocks, plan, split_loaded))
     tracker.verify()
     return loaded | split_loaded
 
