@@ -19,6 +19,11 @@ pytestmark = pytest.mark.unit
 UPSTREAM = {
     "Glm4MoeForCausalLM": "vllm.model_executor.models.glm4_moe:Glm4MoeForCausalLM",
     "Glm4MoeMTPModel": "vllm.model_executor.models.glm4_moe_mtp:Glm4MoeMTP",
+    "Glm4MoeLiteForCausalLM": "vllm.model_executor.models.glm4_moe_lite:Glm4MoeLiteForCausalLM",
+    "Glm4MoeLiteMTPModel": "vllm.model_executor.models.glm4_moe_lite_mtp:Glm4MoeLiteMTP",
+    "DeepseekV2ForCausalLM": "vllm.model_executor.models.deepseek_v2:DeepseekV2ForCausalLM",
+    "DeepseekV3ForCausalLM": "vllm.model_executor.models.deepseek_v2:DeepseekV3ForCausalLM",
+    "DeepSeekMTPModel": "vllm.model_executor.models.deepseek_mtp:DeepSeekMTP",
 }
 
 
@@ -55,7 +60,8 @@ RESOLVE_AFTER_VLLM_PLUGIN_LOADING = """
     load_general_plugins()
     from vllm import ModelRegistry
     out = {}
-    for arch in ("Glm4MoeForCausalLM", "Glm4MoeMTPModel"):
+    import vllm_fse
+    for arch in vllm_fse.MODEL_OVERRIDES:
         entry = ModelRegistry.models[arch]
         out[arch] = f"{entry.module_name}:{entry.class_name}"
     print(json.dumps(out))
@@ -67,7 +73,7 @@ def test_entry_point_is_discovered_in_vllm_general_plugins():
     assert eps.get("fse") == "vllm_fse:register"
 
 
-def test_vllm_plugin_loading_resolves_both_architectures_to_vllm_fse():
+def test_vllm_plugin_loading_resolves_every_architecture_to_vllm_fse():
     result = _python(RESOLVE_AFTER_VLLM_PLUGIN_LOADING)
     assert _archs(result) == vllm_fse.MODEL_OVERRIDES
     assert result["log"].count("vllm-fse: plugin") == 1
@@ -119,7 +125,7 @@ def test_unsupported_vllm_version_logs_one_error_and_keeps_upstream():
         vllm_fse.register()
         from vllm import ModelRegistry
         out = {}
-        for arch in ("Glm4MoeForCausalLM", "Glm4MoeMTPModel"):
+        for arch in vllm_fse.MODEL_OVERRIDES:
             entry = ModelRegistry.models[arch]
             out[arch] = f"{entry.module_name}:{entry.class_name}"
         print(json.dumps(out))

@@ -99,7 +99,7 @@ def test_an_unresolved_switch_announces_the_plan_once_resolved():
 
 def test_slot_buffers_hold_the_shared_slots_once_and_are_reused():
     switch = SwitchPoint.always_fused(16)
-    layer = SimpleNamespace(n_routed=6, n_shared=2, slot_weight=0.4)
+    layer = SimpleNamespace(n_routed=6, n_shared=2, replicas=1, slot_weight=0.4)
     weights, ids = torch.rand(3, 4), torch.randint(0, 6, (3, 4), dtype=torch.int32)
     ids_view, weights_view = switch.slot_buffers(layer, 3, weights, ids)
     assert ids_view.shape == weights_view.shape == (3, 6) and ids_view.is_contiguous()

@@ -60,6 +60,8 @@ class MoeFamily:
     module: str
     moe_block: str
     split_mlp: Callable[..., torch.nn.Module]
+    # False where FSE was measured inexact in vLLM's compiled CPU mode (it then falls back there).
+    exact_when_compiled_on_cpu: bool = True
 
     def upstream(self):
         return importlib.import_module(self.module)
@@ -470,7 +472,7 @@ class FusedSharedExpertsMixin:
     fse_plan: FsePlan
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        plan = plan_fse(vllm_config)
+        plan = plan_fse(vllm_config, self.fse_family.exact_when_compiled_on_cpu)
         switch = None
         if plan.path is FsePath.BACKEND_NEUTRAL:
             max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
