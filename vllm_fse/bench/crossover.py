@@ -106,6 +106,9 @@ def _build_engine(args, model: str, dtype: str | None, fse: str):
     from vllm import LLM
 
     os.environ["VLLM_FSE"] = fse
+    # The live model is read through LLM.apply_model; two engines share the machine's memory.
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     max_batch = max(args.decode_batch + [math.ceil(t / args.prefill_request_len) for t in args.prefill_tokens])
     max_tokens = max(args.prefill_tokens + [args.input_len * max(args.decode_batch), 2048])
     total_steps = 8 + args.rounds * len(MODES) * args.steps + 16
