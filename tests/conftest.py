@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -174,3 +176,32 @@ def engine(tmp_path):
         return run_engine(model, tmp_path, **kwargs)
 
     return run
+
+
+def built_once(build: Callable):
+    """``get(key)`` -> ``build(key)``, computed once per key. A build that failed an assertion
+    is kept too: every test of that key fails with it, none reruns the engines."""
+    built: dict = {}
+
+    def get(key):
+        if key not in built:
+            try:
+                built[key] = build(key)
+            except AssertionError as e:
+                built[key] = e
+        if isinstance(built[key], AssertionError):
+            raise built[key]
+        return built[key]
+
+    return get
+
+
+def edited_checkpoint(source: Path, target: Path, edit: Callable[[dict], None]) -> Path:
+    """A copy of checkpoint ``source`` at ``target`` whose tensors ``edit`` changed in place."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, target)
+    tensors = load_file(str(target / "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(target / "model.safetensors"), metadata={"format": "pt"})
+    return target

@@ -14,14 +14,12 @@ views (an upstream bug: on vs off would agree anyway, transformers would not).
 from __future__ import annotations
 
 import itertools
-import shutil
 
 import pytest
 import torch
-from conftest import SCORE_TEXTS, engine_run, run_engines
+from conftest import SCORE_TEXTS, built_once, edited_checkpoint, engine_run, run_engines
 from equivalence import compare_outputs, compare_scores
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from vllm_fse.tiny_model import PRESETS
 
@@ -79,49 +77,42 @@ def _case_id(tp_case) -> str:
 @pytest.fixture(scope="module")
 def matrices(tiny_model, tmp_path_factory):
     """``matrices(tp)`` -> {(checkpoint, dtype, fse): result}, one batch of engines per TP size."""
-    built: dict[int, dict] = {}
 
-    def get(tp: int) -> dict:
-        if tp not in built:
-            runs, keys = [], []
-            for (name, dtype), fse in itertools.product(CASES_BY_TP[tp], ("0", "1")):
-                probes = ("describe_model",) + (("shared_slot_weights",) if fse == "1" and tp == 1 else ())
-                runs.append(
-                    engine_run(
-                        _model(tiny_model, name),
-                        env={"VLLM_FSE": fse},
-                        dtype=dtype,
-                        probes=probes,
-                        score_texts=SCORE_TEXTS,
-                        tensor_parallel_size=tp,
-                        **MLA_ROTARY_WORKAROUND,
-                    )
+    def build(tp: int) -> dict:
+        runs, keys = [], []
+        for (name, dtype), fse in itertools.product(CASES_BY_TP[tp], ("0", "1")):
+            probes = ("describe_model",) + (("shared_slot_weights",) if fse == "1" and tp == 1 else ())
+            runs.append(
+                engine_run(
+                    _model(tiny_model, name),
+                    env={"VLLM_FSE": fse},
+                    dtype=dtype,
+                    probes=probes,
+                    score_texts=SCORE_TEXTS,
+                    tensor_parallel_size=tp,
+                    **MLA_ROTARY_WORKAROUND,
                 )
-                keys.append((name, dtype, fse))
-            for _, (name, dtype), replicas in (c for c in REPLICA_CASES if c[0] == tp):
-                runs.append(
-                    engine_run(
-                        _model(tiny_model, name),
-                        env={"VLLM_FSE": "1", "VLLM_FSE_SHARED_REPLICAS": str(replicas)},
-                        dtype=dtype,
-                        probes=("describe_model",) + (("shared_slot_weights",) if tp == 1 else ()),
-                        score_texts=SCORE_TEXTS,
-                        tensor_parallel_size=tp,
-                        **MLA_ROTARY_WORKAROUND,
-                    )
+            )
+            keys.append((name, dtype, fse))
+        for _, (name, dtype), replicas in (c for c in REPLICA_CASES if c[0] == tp):
+            runs.append(
+                engine_run(
+                    _model(tiny_model, name),
+                    env={"VLLM_FSE": "1", "VLLM_FSE_SHARED_REPLICAS": str(replicas)},
+                    dtype=dtype,
+                    probes=("describe_model",) + (("shared_slot_weights",) if tp == 1 else ()),
+                    score_texts=SCORE_TEXTS,
+                    tensor_parallel_size=tp,
+                    **MLA_ROTARY_WORKAROUND,
                 )
-                keys.append((name, dtype, f"replicas={replicas}"))
-            try:
-                results = run_engines(runs, tmp_path_factory.mktemp(f"families-tp{tp}"))
-                errors = [f"{key}: {r['traceback']}" for key, r in zip(keys, results) if "error" in r]
-                built[tp] = AssertionError("\n".join(errors)) if errors else dict(zip(keys, results))
-            except AssertionError as e:  # kept: every test of this TP size fails with it, none reruns the batch
-                built[tp] = e
-        if isinstance(built[tp], AssertionError):
-            raise built[tp]
-        return built[tp]
+            )
+            keys.append((name, dtype, f"replicas={replicas}"))
+        results = run_engines(runs, tmp_path_factory.mktemp(f"families-tp{tp}"))
+        for key, result in zip(keys, results):
+            assert "error" not in result, f"{key}: {result['traceback']}"
+        return dict(zip(keys, results))
 
-    return get
+    return built_once(build)
 
 
 @pytest.mark.parametrize(("tp", "case"), TP_CASES, ids=[_case_id(c) for c in TP_CASES])
@@ -310,14 +301,6 @@ def test_live_draft_model_is_fused_with_the_mtp_layers_own_chunks(mtp_runs, tiny
 # -- bad checkpoints -------------------------------------------------------------------------------
 
 
-def _edited_checkpoint(source, target, edit):
-    shutil.copytree(source, target)
-    tensors = load_file(str(target / "model.safetensors"))
-    edit(tensors)
-    save_file(tensors, str(target / "model.safetensors"), metadata={"format": "pt"})
-    return target
-
-
 def test_missing_or_unsplittable_deepseek_shared_experts_are_refused_by_name(tiny_model, tmp_path):
     source = tiny_model("tiny-deepseek-v2")  # two shared experts
     p = "model.layers.2.mlp.shared_experts"
@@ -330,8 +313,8 @@ def test_missing_or_unsplittable_deepseek_shared_experts_are_refused_by_name(tin
 
     unsplit, miss = run_engines(
         [
-            engine_run(_edited_checkpoint(source, tmp_path / "unsplittable", unsplittable), env={"VLLM_FSE": "1"}),
-            engine_run(_edited_checkpoint(source, tmp_path / "missing", missing), env={"VLLM_FSE": "1"}),
+            engine_run(edited_checkpoint(source, tmp_path / "unsplittable", unsplittable), env={"VLLM_FSE": "1"}),
+            engine_run(edited_checkpoint(source, tmp_path / "missing", missing), env={"VLLM_FSE": "1"}),
         ],
         tmp_path,
     )

@@ -16,7 +16,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import SCORE_TEXTS, engine_run, run_engines
+from conftest import SCORE_TEXTS, built_once, engine_run, run_engines
 from equivalence import compare_outputs, compare_scores
 from safetensors import safe_open
 
@@ -61,19 +61,7 @@ def matrices(tiny_model, tmp_path_factory):
 
     (Not an indirect parametrization: pytest caches a module-scoped fixture per parameter
     index, which would rebuild the matrix for every case.)"""
-    built: dict[int, tuple] = {}
-
-    def get(tp: int):
-        if tp not in built:
-            try:
-                built[tp] = _build_matrix(tp, tiny_model, tmp_path_factory)
-            except AssertionError as e:  # kept: every test of this TP size fails with it, none reruns the batch
-                built[tp] = e
-        if isinstance(built[tp], AssertionError):
-            raise built[tp]
-        return built[tp]
-
-    return get
+    return built_once(lambda tp: _build_matrix(tp, tiny_model, tmp_path_factory))
 
 
 def _build_matrix(tp: int, tiny_model, tmp_path_factory):

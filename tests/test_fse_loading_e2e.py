@@ -3,21 +3,10 @@ never with a shape assert from deep inside vLLM or with silently zero slots."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
-from conftest import engine_run, run_engines
-from safetensors.torch import load_file, save_file
+from conftest import edited_checkpoint, engine_run, run_engines
 
 pytestmark = pytest.mark.e2e
-
-
-def _edited_checkpoint(source, target, edit):
-    shutil.copytree(source, target)
-    tensors = load_file(str(target / "model.safetensors"))
-    edit(tensors)
-    save_file(tensors, str(target / "model.safetensors"), metadata={"format": "pt"})
-    return target
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +22,8 @@ def load_failures(tiny_model, tmp_path_factory):
         del t["model.layers.1.mlp.shared_experts.up_proj.weight"]
 
     runs = [
-        engine_run(_edited_checkpoint(source, tmp / "unsplittable", unsplittable), env={"VLLM_FSE": "1"}),
-        engine_run(_edited_checkpoint(source, tmp / "missing", missing), env={"VLLM_FSE": "1"}),
+        engine_run(edited_checkpoint(source, tmp / "unsplittable", unsplittable), env={"VLLM_FSE": "1"}),
+        engine_run(edited_checkpoint(source, tmp / "missing", missing), env={"VLLM_FSE": "1"}),
     ]
     unsplittable_result, missing_result = run_engines(runs, tmp)
     return {"unsplittable": unsplittable_result, "missing": missing_result}
