@@ -148,22 +148,16 @@ def _aiter_fse_active() -> bool:
     return bool(rocm_aiter_ops.is_fusion_moe_shared_experts_enabled())
 
 
-def _compiled_on_cpu(vllm_config) -> bool:
+def compiled_on_cpu(vllm_config) -> bool:
+    """vLLM's default CPU mode: the model is traced by Dynamo and compiled by Inductor."""
     from vllm.config import CompilationMode
     from vllm.platforms import current_platform
 
     return current_platform.is_cpu() and vllm_config.compilation_config.mode != CompilationMode.NONE
 
 
-def _refusal(vllm_config, aiter: bool, exact_when_compiled_on_cpu: bool = True) -> str | None:
+def _refusal(vllm_config, aiter: bool) -> str | None:
     """Why FSE cannot run in this configuration, or None."""
-    if not exact_when_compiled_on_cpu and _compiled_on_cpu(vllm_config):
-        # Measured: greedy tokens differ from unfused. The routing traced into the compiled graph
-        # disagrees with the same router run eagerly on the same hidden states; eager is exact.
-        return (
-            "vLLM's compiled CPU mode routes this family's widened MoE layer wrongly (eager mode is "
-            "exact): run with --enforce-eager to use FSE on CPU"
-        )
     parallel = vllm_config.parallel_config
     if parallel.enable_eplb:
         # EPLB would replicate and move the shared slots as if they were routed experts.
@@ -189,9 +183,8 @@ def _refusal(vllm_config, aiter: bool, exact_when_compiled_on_cpu: bool = True) 
     return None
 
 
-def plan_fse(vllm_config, exact_when_compiled_on_cpu: bool = True) -> FsePlan:
-    """Decide FSE for the model described by ``vllm_config`` (main model or MTP draft);
-    ``exact_when_compiled_on_cpu`` is the family's (see ``MoeFamily``)."""
+def plan_fse(vllm_config) -> FsePlan:
+    """Decide FSE for the model described by ``vllm_config`` (main model or MTP draft)."""
     config = vllm_config.model_config.hf_config
     n_routed = int(config.n_routed_experts)
     n_shared = int(getattr(config, "n_shared_experts", 0) or 0)
@@ -226,7 +219,7 @@ def plan_fse(vllm_config, exact_when_compiled_on_cpu: bool = True) -> FsePlan:
         fmt = shared_expert_format(hf_quant if isinstance(hf_quant, dict) else None)
     except UnsupportedSharedExpertFormat as e:
         return _fallback(f"unsupported shared-expert weight format: {e}")
-    refusal = _refusal(vllm_config, aiter=path is FsePath.AITER, exact_when_compiled_on_cpu=exact_when_compiled_on_cpu)
+    refusal = _refusal(vllm_config, aiter=path is FsePath.AITER)
     if refusal:
         return _fallback(refusal)
     requested_by = f"{FSE_ENV}={requested}" if forced else f"{AITER_FSE_ENV}=1"

@@ -33,6 +33,15 @@ The list (``PATCHES``):
    MoE, GLM-4.7-Flash, DeepSeek-V2/V3 and their MTP drafts): overwritten by the plugin's classes
    (``vllm_fse.register``), each a subclass of the upstream class it replaces. Why: drop-in replacement, the user's request.
    How: ``ModelRegistry.register_model``. Goes if upstream adopts backend-neutral FSE.
+6. Inductor's ``reorder_for_peak_memory`` (``torch._inductor.config``), set to False in the
+   model's ``compilation_config.inductor_compile_config`` when FSE runs in vLLM's compiled CPU
+   mode (:func:`keep_inductor_order_of_out_variant_kernels`). Why: torch 2.13's peak-memory
+   reordering moved the DeepSeek router's sigmoid kernel ahead of the ``_C.onednn_mm`` call that
+   writes its input (vLLM's out-variant CPU GEMM, a mutation Inductor records, and the reorder
+   then ignored) in the widened layer's graph: the router read an uninitialised buffer, and
+   greedy tokens differed from unfused (measured; with the option off, on = off). The unfused
+   graph happens to keep the order, the bug is not FSE's, but FSE's graph triggers it. How:
+   the option, unless the user set it. Goes when torch's reorder keeps mutation order.
 """
 
 from __future__ import annotations
@@ -79,6 +88,9 @@ PATCHES: tuple[Patch, ...] = tuple(
     Patch("vllm", "ModelRegistry.register_model", "registry entry",
           "drop-in replacement of the supported families' classes", "upstream adopts backend-neutral FSE",
           ("model_arch", "model_cls")),
+    Patch("torch._inductor.config", "reorder_for_peak_memory", "option",
+          "the peak-memory reorder ran a kernel before the out-variant GEMM writing its input",
+          "torch keeps mutation order when reordering for memory"),
 )  # fmt: skip
 
 
@@ -125,3 +137,28 @@ def resolve_widened_moe_configs(widened: int, routed: int) -> None:
     get_moe_configs.vllm_fse_wrapped = True
     get_moe_configs.wrapped = real
     fused_moe.get_moe_configs = get_moe_configs
+
+
+# -- 6: Inductor's peak-memory reordering in vLLM's compiled CPU mode ---------------------------------
+
+PEAK_MEMORY_REORDER = "reorder_for_peak_memory"
+
+
+def keep_inductor_order_of_out_variant_kernels(vllm_config) -> None:
+    """Turn off Inductor's peak-memory reordering for this model's compilation (see entry 6)."""
+    options = vllm_config.compilation_config.inductor_compile_config
+    if PEAK_MEMORY_REORDER in options:
+        if options[PEAK_MEMORY_REORDER]:
+            logger.warning_once(
+                "vllm-fse: inductor_compile_config sets %s=True; with FSE on in vLLM's compiled CPU "
+                "mode, torch 2.13's reordering was measured to run a router kernel before the GEMM "
+                "that writes its input (wrong tokens). Leaving it as set.",
+                PEAK_MEMORY_REORDER,
+            )
+        return
+    options[PEAK_MEMORY_REORDER] = False
+    logger.info_once(
+        "vllm-fse: compiled CPU mode: Inductor's %s turned off for this model (it can reorder a "
+        "kernel before the out-variant GEMM that writes its input)",
+        PEAK_MEMORY_REORDER,
+    )

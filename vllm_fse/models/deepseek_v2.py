@@ -37,15 +37,7 @@ def deepseek_v2_split_mlp(*, hidden_size: int, intermediate_size: int, quant_con
     )
 
 
-# Compiled on CPU the widened DeepseekV2MoE (whose runner holds the gate) gave tokens that differ
-# from unfused, while eager mode is exact; the plan falls back there until that is understood.
-DEEPSEEK_V2 = MoeFamily(
-    "DeepSeek-V2/V3",
-    "vllm.model_executor.models.deepseek_v2",
-    "DeepseekV2MoE",
-    deepseek_v2_split_mlp,
-    exact_when_compiled_on_cpu=False,
-)
+DEEPSEEK_V2 = MoeFamily("DeepSeek-V2/V3", "vllm.model_executor.models.deepseek_v2", "DeepseekV2MoE", deepseek_v2_split_mlp)
 
 
 class FseDeepseekV2ForCausalLM(FusedSharedExpertsMixin, UpstreamDeepseekV2ForCausalLM):

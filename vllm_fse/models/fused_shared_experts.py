@@ -31,10 +31,10 @@ from vllm.model_executor.layers.fused_moe.router.router_factory import (
 )
 
 from vllm_fse.compat import logger
-from vllm_fse.decision import FsePath, FsePlan, FseSwitch, plan_fse
+from vllm_fse.decision import FsePath, FsePlan, FseSwitch, compiled_on_cpu, plan_fse
 from vllm_fse.loading import SharedExpertLayout, SlotTracker, split_shared_experts
 from vllm_fse.models.shared_slot_experts import SharedSlotExperts, SwitchPoint
-from vllm_fse.patches import resolve_widened_moe_configs
+from vllm_fse.patches import keep_inductor_order_of_out_variant_kernels, resolve_widened_moe_configs
 
 # The MoE block's module that holds the dense shared-expert MLP of the split path (VLLM_FSE=auto).
 SPLIT_MLP = "fse_split_mlp"
@@ -60,8 +60,6 @@ class MoeFamily:
     module: str
     moe_block: str
     split_mlp: Callable[..., torch.nn.Module]
-    # False where FSE was measured inexact in vLLM's compiled CPU mode (it then falls back there).
-    exact_when_compiled_on_cpu: bool = True
 
     def upstream(self):
         return importlib.import_module(self.module)
@@ -472,7 +470,10 @@ class FusedSharedExpertsMixin:
     fse_plan: FsePlan
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        plan = plan_fse(vllm_config, self.fse_family.exact_when_compiled_on_cpu)
+        plan = plan_fse(vllm_config)
+        if plan.enabled and compiled_on_cpu(vllm_config):
+            # Before construction: the model's compile backend copies the Inductor options.
+            keep_inductor_order_of_out_variant_kernels(vllm_config)
         switch = None
         if plan.path is FsePath.BACKEND_NEUTRAL:
             max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
