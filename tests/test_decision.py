@@ -272,3 +272,32 @@ def test_round_robin_placement_gives_every_ep_rank_an_equal_share_of_the_shared_
     spread = shared_rows_per_rank(ep_size)
     assert len(set(spread)) == 1 and sum(spread) == 4 * ep_size * n_shared
     assert sum(1 for rows in shared_rows_per_rank(1) if rows) <= n_shared  # unreplicated: n_shared ranks at most
+
+
+def test_an_explicitly_monolithic_moe_backend_falls_back_with_the_hint(platform, monkeypatch, warnings):
+    monkeypatch.setenv("VLLM_FSE", "1")
+    config = _config()
+    config.kernel_config = SimpleNamespace(moe_backend="flashinfer_trtllm")
+    plan = plan_fse(config)
+    assert plan.path is FsePath.OFF
+    assert "--moe-backend flashinfer_trtllm routes inside its kernel" in plan.reason and "triton" in plan.reason
+    config.kernel_config.moe_backend = "triton"
+    assert plan_fse(config).path is FsePath.BACKEND_NEUTRAL
+
+
+def test_mone_expert_substitution_falls_back(platform, monkeypatch):
+    """vLLM 0.33's MoNE substitution compacts expert rows and rewrites routes in place (it cannot
+    run here: 0.32 has no such module, so the module is faked with 0.33's function name)."""
+    import sys
+    import types
+
+    monkeypatch.setenv("VLLM_FSE", "1")
+    assert plan_fse(_config()).path is FsePath.BACKEND_NEUTRAL  # 0.32: the module does not exist
+    fake = types.ModuleType("vllm.model_executor.layers.fused_moe.expert_substitution")
+    fake.get_expert_substitution_spec = lambda model_config: getattr(model_config.hf_config, "approximate_experts", None)
+    monkeypatch.setitem(sys.modules, fake.__name__, fake)
+    assert plan_fse(_config()).path is FsePath.BACKEND_NEUTRAL  # no substitution declared
+    config = _config()
+    config.model_config.hf_config.approximate_experts = {"3": [7, 9]}
+    plan = plan_fse(config)
+    assert plan.path is FsePath.OFF and "MoNE expert substitution" in plan.reason

@@ -18,6 +18,10 @@ from vllm_fse.patches import PATCHES
 pytestmark = pytest.mark.unit
 
 
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:2])
+
+
 def _resolve(patch):
     target = importlib.import_module(patch.module)
     for part in patch.name.split("."):
@@ -27,6 +31,12 @@ def _resolve(patch):
 
 @pytest.mark.parametrize("patch", PATCHES, ids=lambda p: f"{p.module}.{p.name}")
 def test_every_patch_target_exists_with_the_parameters_relied_on(patch):
+    from vllm import __version__ as vllm_version
+
+    if patch.since_vllm and _version(vllm_version) < _version(patch.since_vllm):
+        with pytest.raises(AttributeError):  # not there yet: the plugin checks before using it
+            _resolve(patch)
+        return
     target = _resolve(patch)
     target = getattr(target, "wrapped", target)  # our own wrapper, once installed
     if not callable(target):  # an option: it must still exist and still be a switch
@@ -104,3 +114,27 @@ def test_widened_layer_uses_the_routed_layers_tuned_triton_config(monkeypatch, c
     assert after == tuned[min(tuned, key=lambda m: abs(m - 64))]
     # Other expert counts are untouched.
     assert fused_moe.get_moe_configs(257, 192, "fp8_w8a8") is None
+
+
+def test_the_widened_layers_router_declines_monolithic_kernels_where_vllm_asks():
+    """vLLM >= 0.33 asks the router ``supports_monolithic_kernels`` and picks only modular kernels
+    when it is False. 0.33 cannot run here, so its base-class property is added to a subclass of
+    a real router class; on 0.32's own router nothing changes."""
+    from vllm.model_executor.layers.fused_moe.router.cpu_router import CPURouter
+
+    router = CPURouter(top_k=2, global_num_experts=8)
+    assert patches.route_to_modular_kernels(router) is False and type(router) is CPURouter
+
+    class Router033(CPURouter):  # as 0.33's FusedMoERouter defines it
+        @property
+        def supports_monolithic_kernels(self) -> bool:
+            return True
+
+    router = Router033(top_k=2, global_num_experts=8)
+    assert patches.route_to_modular_kernels(router) is True
+    assert router.supports_monolithic_kernels is False
+    assert isinstance(router, Router033) and isinstance(router, CPURouter)  # still vLLM's router (capture, EPLB)
+    assert type(router).__name__ == "Router033"
+    other = Router033(top_k=2, global_num_experts=8)
+    patches.route_to_modular_kernels(other)
+    assert type(other) is type(router)  # one subclass per router class

@@ -156,8 +156,34 @@ def compiled_on_cpu(vllm_config) -> bool:
     return current_platform.is_cpu() and vllm_config.compilation_config.mode != CompilationMode.NONE
 
 
+# --moe-backend values whose kernels route inside themselves (monolithic), where shared slots
+# cannot be appended. Chosen explicitly, they are the user's call: FSE steps aside rather than
+# stopping the server at construction. Under "auto", vLLM >= 0.33 is steered to a modular kernel
+# (vllm_fse.patches, entry 7); 0.32 cannot be, and its factory error says what to do.
+MONOLITHIC_MOE_BACKENDS = frozenset({"flashinfer_trtllm"})
+
+
+def _expert_substitution(vllm_config) -> bool:
+    """Whether the checkpoint declares MoNE expert substitution (vLLM >= 0.33 reads it)."""
+    try:
+        from vllm.model_executor.layers.fused_moe.expert_substitution import get_expert_substitution_spec
+    except ImportError:  # vLLM 0.32: no substitution, the declaration is ignored
+        return False
+    return get_expert_substitution_spec(vllm_config.model_config) is not None
+
+
 def _refusal(vllm_config, aiter: bool) -> str | None:
     """Why FSE cannot run in this configuration, or None."""
+    if _expert_substitution(vllm_config):
+        # It allocates only the retained experts' rows and rewrites the routes in place before
+        # the kernel: the shared-slot ids would be remapped and the slot rows miscounted.
+        return "the checkpoint declares MoNE expert substitution (approximate_experts / expert_substitution)"
+    moe_backend = getattr(getattr(vllm_config, "kernel_config", None), "moe_backend", "auto")
+    if moe_backend in MONOLITHIC_MOE_BACKENDS:
+        return (
+            f"--moe-backend {moe_backend} routes inside its kernel, where shared slots cannot be "
+            "appended; pick a modular MoE backend (e.g. triton) to use FSE"
+        )
     parallel = vllm_config.parallel_config
     if parallel.enable_eplb:
         # EPLB would replicate and move the shared slots as if they were routed experts.

@@ -103,7 +103,10 @@ def switch_state(model) -> dict[str, Any] | None:
 def _drafter_model(worker):
     """The speculative-decoding draft model of a worker (``LLM.collective_rpc`` target)."""
     worker = getattr(worker, "worker", worker)  # a WorkerWrapper holds the worker
-    return worker.model_runner.drafter.model
+    runner = worker.model_runner
+    # Model Runner V2 (vLLM's default on GPU) holds it as ``speculator``, the V1 runners as ``drafter``.
+    holder = getattr(runner, "speculator", None) or runner.drafter
+    return holder.model
 
 
 def describe_drafter(worker) -> dict[str, Any]:

@@ -42,6 +42,14 @@ The list (``PATCHES``):
    greedy tokens differed from unfused (measured; with the option off, on = off). The unfused
    graph happens to keep the order, the bug is not FSE's, but FSE's graph triggers it. How:
    the option, unless the user set it. Goes when torch's reorder keeps mutation order.
+7. ``FusedMoERouter.supports_monolithic_kernels`` (vLLM >= 0.33): overridden to False on the
+   widened layer's router (:func:`route_to_modular_kernels`: the instance's class becomes a
+   subclass of its own class). Why: a monolithic MoE kernel routes inside the kernel, where the
+   shared slots cannot be appended; with the property False, 0.33's ``FusedMoEFactory`` asks
+   for a decomposed backend (``require_decomposed_backend``) and its oracle skips monolithic
+   ones. How: the subclass overrides the property only. Goes when vLLM appends shared slots in
+   every backend's router. On 0.32, which has no such property, the plan refuses an explicitly
+   monolithic ``--moe-backend`` and the factory stops with a hint if the oracle picks one.
 """
 
 from __future__ import annotations
@@ -62,6 +70,8 @@ class Patch:
     goes_when: str
     # Parameters of the target the plugin relies on (a callable's signature must have them).
     params: tuple[str, ...] = ()
+    # The first vLLM version that has the target (older ones lack it; the plugin checks).
+    since_vllm: str = ""
 
 
 _FAMILY_MODULES = ("vllm.model_executor.models.glm4_moe", "vllm.model_executor.models.deepseek_v2")
@@ -91,6 +101,10 @@ PATCHES: tuple[Patch, ...] = tuple(
     Patch("torch._inductor.config", "reorder_for_peak_memory", "option",
           "the peak-memory reorder ran a kernel before the out-variant GEMM writing its input",
           "torch keeps mutation order when reordering for memory"),
+    Patch("vllm.model_executor.layers.fused_moe.router.fused_moe_router", "FusedMoERouter.supports_monolithic_kernels",
+          "property override (subclass of the router's class)",
+          "a monolithic kernel routes inside itself, where shared slots cannot be appended",
+          "vLLM appends shared slots in every backend's router", since_vllm="0.33"),
 )  # fmt: skip
 
 
@@ -162,3 +176,26 @@ def keep_inductor_order_of_out_variant_kernels(vllm_config) -> None:
         "kernel before the out-variant GEMM that writes its input)",
         PEAK_MEMORY_REORDER,
     )
+
+
+# -- 7: steer the widened layer to a modular MoE kernel (vLLM >= 0.33) ---------------------------------
+
+MONOLITHIC_PROPERTY = "supports_monolithic_kernels"
+
+
+@functools.cache
+def _modular_only(router_cls: type) -> type:
+    return type(
+        router_cls.__name__,
+        (router_cls,),
+        {MONOLITHIC_PROPERTY: property(lambda self: False), "__module__": __name__, "fse_modular_only": True},
+    )
+
+
+def route_to_modular_kernels(router) -> bool:
+    """Make ``router`` (vLLM's, for the routed top-k) decline monolithic kernels; False where this
+    vLLM has no such property (0.32), i.e. where the backend oracle cannot be steered."""
+    if not hasattr(type(router), MONOLITHIC_PROPERTY):
+        return False
+    router.__class__ = _modular_only(type(router))
+    return True

@@ -34,7 +34,11 @@ from vllm_fse.compat import logger
 from vllm_fse.decision import FsePath, FsePlan, FseSwitch, compiled_on_cpu, plan_fse
 from vllm_fse.loading import SharedExpertLayout, SlotTracker, split_shared_experts
 from vllm_fse.models.shared_slot_experts import SharedSlotExperts, SwitchPoint
-from vllm_fse.patches import keep_inductor_order_of_out_variant_kernels, resolve_widened_moe_configs
+from vllm_fse.patches import (
+    keep_inductor_order_of_out_variant_kernels,
+    resolve_widened_moe_configs,
+    route_to_modular_kernels,
+)
 
 # The MoE block's module that holds the dense shared-expert MLP of the split path (VLLM_FSE=auto).
 SPLIT_MLP = "fse_split_mlp"
@@ -149,6 +153,7 @@ def _backend_neutral_factory(
             routed_scaling_factor=1.0 if apply_routed_scale_to_output else routed_scaling_factor,
             e_score_correction_bias=kwargs.get("e_score_correction_bias"),
         )
+        route_to_modular_kernels(routed)  # vLLM >= 0.33: its kernel oracle then skips monolithic ones
         slot_weight, output_scale = shared_slot_scaling(routed_scaling_factor, apply_routed_scale_to_output, dtype)
         n_slots = n_shared_experts * plan.shared_replicas
         runner = real_factory(
@@ -163,8 +168,8 @@ def _backend_neutral_factory(
             raise RuntimeError(
                 f"vllm-fse: the MoE kernel chosen for {kwargs.get('prefix')} "
                 f"({type(runner.routed_experts.quant_method).__name__}) routes inside the kernel, "
-                "so the shared slots cannot be appended; run with VLLM_FSE=0 or pick a modular "
-                "MoE backend (--moe-backend)"
+                "so the shared slots cannot be appended (this vLLM cannot be told to avoid it); run "
+                "with VLLM_FSE=0 or pick a modular MoE backend, e.g. --moe-backend triton"
             )
         resolve_widened_moe_configs(num_experts + n_slots, num_experts)
         split_mlp = None
