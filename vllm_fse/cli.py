@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_arguments(demo)
     demo.set_defaults(func=_demo)
 
+    check = sub.add_parser("check-vllm", help="check a vLLM release (source dir, .whl, or installed) has what the plugin uses")
+    check.add_argument("source", nargs="?", help="vLLM source dir (holding vllm/) or .whl; default: the installed vLLM")
+    check.set_defaults(func=_check_vllm)
+
     bench = sub.add_parser("bench", help="FSE off vs on: serving sweep, report, accuracy A/B, profile")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     for name, module, help_text in (
@@ -89,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
             func=_bench, bench_module=module
         )
     return parser
+
+
+def _check_vllm(args: argparse.Namespace) -> int:
+    from vllm_fse.vllm_compat import main as check_main
+
+    return check_main([args.source] if args.source else [])
 
 
 def _bench(args: argparse.Namespace) -> int:

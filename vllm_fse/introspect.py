@@ -24,6 +24,12 @@ def _moe_blocks(model):
             yield name, module
 
 
+def _is_base_router(router) -> bool:
+    from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
+
+    return isinstance(router, BaseRouter)
+
+
 def describe_model(model) -> dict[str, Any]:
     """Class, FSE plan and per-MoE-layer structure of a live GLM-4 MoE model (main or MTP)."""
     plan = getattr(model, "fse_plan", None)
@@ -37,6 +43,8 @@ def describe_model(model) -> dict[str, Any]:
                 "has_shared_experts_mlp": getattr(block, "shared_experts", None) is not None,
                 "has_split_mlp": getattr(block, "fse_split_mlp", None) is not None,
                 "router": type(runner.router).__qualname__,
+                # vLLM binds routed-experts capture only to BaseRouter subclasses.
+                "router_is_base_router": _is_base_router(runner.router),
                 "shared_slots": type(slots).__qualname__ if slots is not None else None,
                 "shared_slot_weight": slots.slot_weight if slots is not None else None,
                 "shared_replicas": slots.replicas if slots is not None else None,
