@@ -44,8 +44,8 @@ CASES_BY_TP = {
         ("v2-shared2-rsf16-norm0", "float16"),
         ("v2-shared1-rsf1-norm1", "bfloat16"),
         ("glm4lite-shared1-rsf1.8", "float32"), ("glm4lite-shared1-rsf1.8", "bfloat16")],
-    2: [("v3-shared1-rsf2.5-qlora", "float32"), ("v2-shared2-rsf16-norm0", "bfloat16"),
-        ("glm4lite-shared1-rsf1.8", "float32")],
+    # GLM-Lite is GLM's MoE block on MLA attention: GLM's TP 2 cases and V3/V2's cover it (CI time).
+    2: [("v3-shared1-rsf2.5-qlora", "float32"), ("v2-shared2-rsf16-norm0", "bfloat16")],
 }  # fmt: skip
 TP_CASES = [(tp, case) for tp, cases in CASES_BY_TP.items() for case in cases]
 # VLLM_FSE_SHARED_REPLICAS runs, compared with the same case's FSE-off run.
@@ -334,7 +334,9 @@ def test_missing_or_unsplittable_deepseek_shared_experts_are_refused_by_name(tin
     assert "layer 1 slot 8 down_proj.weight" in error and "layer 1 slot 9 down_proj.weight" in error
 
 
-COMPILED_CASES = [("v3-shared1-rsf2.5-qlora", "float32"), ("v2-shared2-rsf16-norm0", "bfloat16")]
+# V3 (sigmoid + bias + grouped top-k) is the case that failed before; the compiled DeepSeek MTP
+# run above covers the draft (V2's softmax router is the same graph pattern: CI time).
+COMPILED_CASES = [("v3-shared1-rsf2.5-qlora", "float32")]
 
 
 @pytest.fixture(scope="module")

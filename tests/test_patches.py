@@ -130,8 +130,11 @@ def test_the_widened_layers_router_declines_monolithic_kernels_where_vllm_asks()
         def supports_monolithic_kernels(self) -> bool:
             return True
 
-    router = Router033(top_k=2, global_num_experts=8)
+    router = Router033(top_k=2, global_num_experts=8, use_grouped_topk=True, num_expert_group=2, topk_group=1,
+                       scoring_func="sigmoid")  # fmt: skip
+    routing_method = router.routing_method_type  # 0.33's kernel_routing_method_type defaults to it
     assert patches.route_to_modular_kernels(router) is True
+    assert router.routing_method_type == routing_method
     assert router.supports_monolithic_kernels is False
     assert isinstance(router, Router033) and isinstance(router, CPURouter)  # still vLLM's router (capture, EPLB)
     assert type(router).__name__ == "Router033"
