@@ -161,6 +161,15 @@ def run_engines(runs: list[dict], tmp_path: Path, timeout_s: float = 1500) -> li
     return results
 
 
+def run_keyed_engines(runs: dict, tmp_path: Path) -> dict:
+    """:func:`run_engines` over ``{key: run}`` -> ``{key: result}``; fails naming the key of a run
+    that raised."""
+    results = dict(zip(runs, run_engines(list(runs.values()), tmp_path)))
+    for key, result in results.items():
+        assert "error" not in result, f"{key}: {result['traceback']}"
+    return results
+
+
 def run_engine(model: Path, tmp_path: Path, **kwargs) -> dict:
     """A single engine run (see :func:`engine_run`); raises if it failed."""
     (result,) = run_engines([engine_run(model, **kwargs)], tmp_path)

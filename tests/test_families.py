@@ -17,7 +17,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import SCORE_TEXTS, built_once, edited_checkpoint, engine_run, run_engines
+from conftest import SCORE_TEXTS, built_once, edited_checkpoint, engine_run, run_engines, run_keyed_engines
 from equivalence import compare_outputs, compare_scores
 from safetensors import safe_open
 
@@ -79,38 +79,29 @@ def matrices(tiny_model, tmp_path_factory):
     """``matrices(tp)`` -> {(checkpoint, dtype, fse): result}, one batch of engines per TP size."""
 
     def build(tp: int) -> dict:
-        runs, keys = [], []
+        runs = {}
         for (name, dtype), fse in itertools.product(CASES_BY_TP[tp], ("0", "1")):
             probes = ("describe_model",) + (("shared_slot_weights",) if fse == "1" and tp == 1 else ())
-            runs.append(
-                engine_run(
-                    _model(tiny_model, name),
-                    env={"VLLM_FSE": fse},
-                    dtype=dtype,
-                    probes=probes,
-                    score_texts=SCORE_TEXTS,
-                    tensor_parallel_size=tp,
-                    **MLA_ROTARY_WORKAROUND,
-                )
+            runs[(name, dtype, fse)] = engine_run(
+                _model(tiny_model, name),
+                env={"VLLM_FSE": fse},
+                dtype=dtype,
+                probes=probes,
+                score_texts=SCORE_TEXTS,
+                tensor_parallel_size=tp,
+                **MLA_ROTARY_WORKAROUND,
             )
-            keys.append((name, dtype, fse))
         for _, (name, dtype), replicas in (c for c in REPLICA_CASES if c[0] == tp):
-            runs.append(
-                engine_run(
-                    _model(tiny_model, name),
-                    env={"VLLM_FSE": "1", "VLLM_FSE_SHARED_REPLICAS": str(replicas)},
-                    dtype=dtype,
-                    probes=("describe_model",) + (("shared_slot_weights",) if tp == 1 else ()),
-                    score_texts=SCORE_TEXTS,
-                    tensor_parallel_size=tp,
-                    **MLA_ROTARY_WORKAROUND,
-                )
+            runs[(name, dtype, f"replicas={replicas}")] = engine_run(
+                _model(tiny_model, name),
+                env={"VLLM_FSE": "1", "VLLM_FSE_SHARED_REPLICAS": str(replicas)},
+                dtype=dtype,
+                probes=("describe_model",) + (("shared_slot_weights",) if tp == 1 else ()),
+                score_texts=SCORE_TEXTS,
+                tensor_parallel_size=tp,
+                **MLA_ROTARY_WORKAROUND,
             )
-            keys.append((name, dtype, f"replicas={replicas}"))
-        results = run_engines(runs, tmp_path_factory.mktemp(f"families-tp{tp}"))
-        for key, result in zip(keys, results):
-            assert "error" not in result, f"{key}: {result['traceback']}"
-        return dict(zip(keys, results))
+        return run_keyed_engines(runs, tmp_path_factory.mktemp(f"families-tp{tp}"))
 
     return built_once(build)
 
@@ -245,32 +236,25 @@ MTP2 = {"speculative_config": {"method": "mtp", "num_speculative_tokens": 2}}
 
 @pytest.fixture(scope="module")
 def mtp_runs(tiny_model, tmp_path_factory):
-    runs, keys = [], []
+    runs = {}
     for name, preset in MTP_PRESETS.items():
         model = tiny_model(preset, n_shared_experts=2)
-        keys.append((name, "plain"))
         eager = {"enforce_eager": MTP_EAGER[name]}
         compilation = MLA_ROTARY_WORKAROUND if MTP_EAGER[name] else COMPILED_REFERENCE
-        runs.append(engine_run(model, env={"VLLM_FSE": "0"}, max_tokens=MTP_TOKENS, **eager, **compilation))
+        runs[(name, "plain")] = engine_run(model, env={"VLLM_FSE": "0"}, max_tokens=MTP_TOKENS, **eager, **compilation)
         for fse in ("0", "1"):
-            keys.append((name, fse))
-            runs.append(
-                engine_run(
-                    model,
-                    env={"VLLM_FSE": fse},
-                    max_tokens=MTP_TOKENS,
-                    metrics=True,
-                    disable_log_stats=False,
-                    worker_probes=("describe_drafter",) + (("drafter_slot_weights",) if fse == "1" else ()),
-                    **MTP2,
-                    **eager,
-                    **compilation,
-                )
+            runs[(name, fse)] = engine_run(
+                model,
+                env={"VLLM_FSE": fse},
+                max_tokens=MTP_TOKENS,
+                metrics=True,
+                disable_log_stats=False,
+                worker_probes=("describe_drafter",) + (("drafter_slot_weights",) if fse == "1" else ()),
+                **MTP2,
+                **eager,
+                **compilation,
             )
-    results = run_engines(runs, tmp_path_factory.mktemp("families-mtp"))
-    for key, result in zip(keys, results):
-        assert "error" not in result, f"{key}: {result['traceback']}"
-    return dict(zip(keys, results))
+    return run_keyed_engines(runs, tmp_path_factory.mktemp("families-mtp"))
 
 
 @pytest.mark.parametrize("name", list(MTP_PRESETS))
@@ -341,15 +325,12 @@ COMPILED_CASES = [("v3-shared1-rsf2.5-qlora", "float32")]
 
 @pytest.fixture(scope="module")
 def compiled_runs(tiny_model, tmp_path_factory):
-    runs, keys = [], []
-    for (name, dtype), fse in itertools.product(COMPILED_CASES, ("0", "1")):
-        keys.append((name, dtype, fse))
-        runs.append(engine_run(_model(tiny_model, name), env={"VLLM_FSE": fse}, dtype=dtype, enforce_eager=False,
-                               probes=("describe_model",), score_texts=SCORE_TEXTS, **MLA_ROTARY_WORKAROUND))  # fmt: skip
-    results = run_engines(runs, tmp_path_factory.mktemp("families-compiled"))
-    for key, result in zip(keys, results):
-        assert "error" not in result, f"{key}: {result['traceback']}"
-    return dict(zip(keys, results))
+    runs = {
+        (name, dtype, fse): engine_run(_model(tiny_model, name), env={"VLLM_FSE": fse}, dtype=dtype, enforce_eager=False,
+                                       probes=("describe_model",), score_texts=SCORE_TEXTS, **MLA_ROTARY_WORKAROUND)
+        for (name, dtype), fse in itertools.product(COMPILED_CASES, ("0", "1"))
+    }  # fmt: skip
+    return run_keyed_engines(runs, tmp_path_factory.mktemp("families-compiled"))
 
 
 @pytest.mark.parametrize("case", COMPILED_CASES, ids=["-".join(c) for c in COMPILED_CASES])

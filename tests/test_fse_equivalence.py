@@ -16,7 +16,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import SCORE_TEXTS, built_once, engine_run, run_engines
+from conftest import SCORE_TEXTS, built_once, engine_run, run_keyed_engines
 from equivalence import compare_outputs, compare_scores
 from safetensors import safe_open
 
@@ -65,25 +65,18 @@ def matrices(tiny_model, tmp_path_factory):
 
 
 def _build_matrix(tp: int, tiny_model, tmp_path_factory):
-    runs, keys = [], []
+    runs = {}
     for (ckpt, dtype), fse in itertools.product(CASES_BY_TP[tp], ("0", "1")):
-        model = tiny_model("tiny", **CHECKPOINTS[ckpt])
         probes = ("describe_model",) + (("shared_slot_weights",) if fse == "1" and tp == 1 else ())
-        runs.append(
-            engine_run(
-                model,
-                env={"VLLM_FSE": fse},
-                dtype=dtype,
-                probes=probes,
-                score_texts=SCORE_TEXTS,
-                tensor_parallel_size=tp,
-            )
+        runs[(ckpt, dtype, fse)] = engine_run(
+            tiny_model("tiny", **CHECKPOINTS[ckpt]),
+            env={"VLLM_FSE": fse},
+            dtype=dtype,
+            probes=probes,
+            score_texts=SCORE_TEXTS,
+            tensor_parallel_size=tp,
         )
-        keys.append((ckpt, dtype, fse))
-    results = run_engines(runs, tmp_path_factory.mktemp(f"fse-matrix-tp{tp}"))
-    for key, result in zip(keys, results):
-        assert "error" not in result, f"{key}: {result['traceback']}"
-    return tp, dict(zip(keys, results))
+    return tp, run_keyed_engines(runs, tmp_path_factory.mktemp(f"fse-matrix-tp{tp}"))
 
 
 @pytest.mark.parametrize(("tp", "case"), TP_CASES, ids=[_case_id(c) for c in TP_CASES])

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import engine_run, run_engines
+from conftest import engine_run, run_engines, run_keyed_engines
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -28,25 +28,19 @@ def _mtp(k: int) -> dict:
 @pytest.fixture(scope="module")
 def mtp_runs(tiny_model, tmp_path_factory):
     model = tiny_model("tiny-mtp", n_shared_experts=N_SHARED)
-    keys, runs = ["plain"], [engine_run(model, env={"VLLM_FSE": "0"}, max_tokens=MAX_TOKENS)]
+    runs = {"plain": engine_run(model, env={"VLLM_FSE": "0"}, max_tokens=MAX_TOKENS)}
     for k in (1, 2):
         for fse in ("0", "1"):
-            keys.append((k, fse))
-            runs.append(
-                engine_run(
-                    model,
-                    env={"VLLM_FSE": fse},
-                    max_tokens=MAX_TOKENS,
-                    metrics=True,
-                    disable_log_stats=False,
-                    worker_probes=("describe_drafter",) + (("drafter_slot_weights",) if fse == "1" else ()),
-                    **_mtp(k),
-                )
+            runs[(k, fse)] = engine_run(
+                model,
+                env={"VLLM_FSE": fse},
+                max_tokens=MAX_TOKENS,
+                metrics=True,
+                disable_log_stats=False,
+                worker_probes=("describe_drafter",) + (("drafter_slot_weights",) if fse == "1" else ()),
+                **_mtp(k),
             )
-    results = run_engines(runs, tmp_path_factory.mktemp("mtp"))
-    for key, result in zip(keys, results):
-        assert "error" not in result, f"{key}: {result['traceback']}"
-    return model, dict(zip(keys, results))
+    return model, run_keyed_engines(runs, tmp_path_factory.mktemp("mtp"))
 
 
 @pytest.mark.parametrize("k", [1, 2])

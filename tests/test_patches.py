@@ -14,12 +14,9 @@ import pytest
 
 from vllm_fse import MODEL_OVERRIDES, patches
 from vllm_fse.patches import PATCHES
+from vllm_fse.vllm_compat import older_than
 
 pytestmark = pytest.mark.unit
-
-
-def _version(text: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in re.findall(r"\d+", text)[:2])
 
 
 def _resolve(patch):
@@ -33,7 +30,7 @@ def _resolve(patch):
 def test_every_patch_target_exists_with_the_parameters_relied_on(patch):
     from vllm import __version__ as vllm_version
 
-    if patch.since_vllm and _version(vllm_version) < _version(patch.since_vllm):
+    if patch.since_vllm and older_than(vllm_version, patch.since_vllm):
         with pytest.raises(AttributeError):  # not there yet: the plugin checks before using it
             _resolve(patch)
         return

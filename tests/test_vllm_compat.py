@@ -55,7 +55,7 @@ def test_a_release_that_lost_a_name_or_a_parameter_fails(tmp_path, capsys):
         for path in (tmp_path / "vllm").rglob("*.py"):
             wheel.write(path, path.relative_to(tmp_path))
     for source in (tmp_path, tmp_path / "vllm-0.32.5-py3-none-any.whl"):
-        results = {(u.module, u.name): problem for u, problem in check(SourceTree(source))}
+        results = {(u.module, u.name): problem for u, problem, _ in check(SourceTree(source))}
         factory = results[("vllm.model_executor.models.glm4_moe", "FusedMoEFactory")]
         assert factory.startswith("lost parameters") and "'n_shared_experts'" in factory
         assert results[("vllm.forward_context", "get_forward_context")] == "missing"

@@ -31,6 +31,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from packaging.version import InvalidVersion, Version
+
 PLUGIN_DIR = Path(__file__).resolve().parent
 
 
@@ -229,14 +231,19 @@ def patch_targets() -> list[Use]:
     ]
 
 
-def _version_tuple(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in re.findall(r"\d+", text)[:3])
+def older_than(version: str, since: str) -> bool:
+    """Whether release ``version`` predates ``since`` (an unreadable version does not)."""
+    try:
+        return Version(version) < Version(since)
+    except InvalidVersion:
+        return False
 
 
-def check(tree: SourceTree) -> list[tuple[Use, str]]:
-    """(use, problem or "") for every use; a problem is "missing" or the parameters lost."""
+def check(tree: SourceTree) -> list[tuple[Use, str, bool]]:
+    """(use, problem or "", found) for every use; a problem is "missing" or the parameters lost.
+    An optional import, or a target newer than the release, may be absent without a problem."""
     results = []
-    version = _version_tuple(tree.version())
+    version = tree.version()
     seen = set()
     for use in patch_targets() + plugin_imports():
         key = (use.module, use.name, use.params)
@@ -245,8 +252,8 @@ def check(tree: SourceTree) -> list[tuple[Use, str]]:
         seen.add(key)
         found = lookup(tree, use.module, use.name)
         if found is None:
-            new = use.since_vllm and version and version < _version_tuple(use.since_vllm)
-            results.append((use, "" if new or use.optional else "missing"))
+            new = use.since_vllm and older_than(version, use.since_vllm)
+            results.append((use, "" if new or use.optional else "missing", False))
             continue
         problem = ""
         if use.params:
@@ -255,7 +262,7 @@ def check(tree: SourceTree) -> list[tuple[Use, str]]:
                 names, var_kw = sig
                 lost = [p for p in use.params if p not in names and not var_kw]
                 problem = f"lost parameters {lost}" if lost else ""
-        results.append((use, problem))
+        results.append((use, problem, True))
     return results
 
 
@@ -265,11 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     tree = SourceTree(Path(args.source)) if args.source else SourceTree.installed()
     results = check(tree)
-    bad = [(u, p) for u, p in results if p]
+    bad = [problem for _, problem, _ in results if problem]
     print(f"vLLM {tree.version()} at {tree.location}: {len(results)} names the plugin uses, {len(bad)} problems")
-    for use, problem in results:
-        absent = not problem and (use.optional or use.since_vllm) and lookup(tree, use.module, use.name) is None
-        status = "FAIL" if problem else "n/a " if absent else "ok  "
+    for use, problem, found in results:
+        status = "FAIL" if problem else "ok  " if found else "n/a "
         print(f"  {status} {use.module}.{use.name}  ({use.where}){'  ' + problem if problem else ''}")
     return 1 if bad else 0
 
