@@ -14,6 +14,19 @@ import sys
 import traceback
 
 
+def _probe(name: str):
+    """A function of :mod:`vllm_fse.introspect`, or ``module:function`` importable from tests/
+    (e.g. a deliberate mutation of the live model that a test must catch)."""
+    import importlib
+
+    from vllm_fse import introspect
+
+    if ":" in name:
+        module, _, function = name.partition(":")
+        return getattr(importlib.import_module(module), function)
+    return getattr(introspect, name)
+
+
 def run_one(run: dict) -> dict:
     from vllm import LLM, SamplingParams
 
@@ -21,7 +34,7 @@ def run_one(run: dict) -> dict:
 
     llm = LLM(**run["llm"])
     try:
-        result = {probe: llm.apply_model(getattr(introspect, probe)) for probe in run.get("probes", [])}
+        result = {probe: llm.apply_model(_probe(probe)) for probe in run.get("probes", [])}
         for probe in run.get("worker_probes", []):  # e.g. the drafter, which apply_model cannot reach
             result[probe] = llm.collective_rpc(getattr(introspect, probe))
         outputs = llm.generate(run["prompts"], SamplingParams(**run["sampling"]), use_tqdm=False)

@@ -24,6 +24,12 @@ UPSTREAM = {
     "DeepseekV2ForCausalLM": "vllm.model_executor.models.deepseek_v2:DeepseekV2ForCausalLM",
     "DeepseekV3ForCausalLM": "vllm.model_executor.models.deepseek_v2:DeepseekV3ForCausalLM",
     "DeepSeekMTPModel": "vllm.model_executor.models.deepseek_mtp:DeepSeekMTP",
+    "Qwen2MoeForCausalLM": "vllm.model_executor.models.qwen2_moe:Qwen2MoeForCausalLM",
+    "Qwen3NextForCausalLM": "vllm.model_executor.models.qwen3_next:Qwen3NextForCausalLM",
+    "Qwen3NextMTP": "vllm.model_executor.models.qwen3_next_mtp:Qwen3NextMTP",
+    "Qwen3_5MoeForCausalLM": "vllm.model_executor.models.qwen3_5:Qwen3_5MoeForCausalLM",
+    "Qwen3_5MoeForConditionalGeneration": "vllm.model_executor.models.qwen3_5:Qwen3_5MoeForConditionalGeneration",
+    "Qwen3_5MoeMTP": "vllm.model_executor.models.qwen3_5_mtp:Qwen3_5MoeMTP",
 }
 
 

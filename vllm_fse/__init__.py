@@ -19,6 +19,12 @@ MODEL_OVERRIDES: dict[str, str] = {
     "DeepseekV2ForCausalLM": "vllm_fse.models.deepseek_v2:FseDeepseekV2ForCausalLM",
     "DeepseekV3ForCausalLM": "vllm_fse.models.deepseek_v2:FseDeepseekV3ForCausalLM",
     "DeepSeekMTPModel": "vllm_fse.models.deepseek_v2:FseDeepSeekMTP",
+    "Qwen2MoeForCausalLM": "vllm_fse.models.qwen_moe:FseQwen2MoeForCausalLM",
+    "Qwen3NextForCausalLM": "vllm_fse.models.qwen_moe:FseQwen3NextForCausalLM",
+    "Qwen3NextMTP": "vllm_fse.models.qwen_moe:FseQwen3NextMTP",
+    "Qwen3_5MoeForCausalLM": "vllm_fse.models.qwen3_5_moe:FseQwen3_5MoeForCausalLM",
+    "Qwen3_5MoeForConditionalGeneration": "vllm_fse.models.qwen3_5_moe:FseQwen3_5MoeForConditionalGeneration",
+    "Qwen3_5MoeMTP": "vllm_fse.models.qwen3_5_moe:FseQwen3_5MoeMTP",
 }
 
 _reported = False

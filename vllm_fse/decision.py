@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from vllm_fse.compat import logger
 from vllm_fse.loading import (
+    FormatKind,
     SharedExpertFormat,
     UnsupportedSharedExpertFormat,
     shared_expert_format,
@@ -58,6 +59,37 @@ class FseSwitch(enum.Enum):
 
 
 @dataclass(frozen=True)
+class SharedExpertShape:
+    """A checkpoint's shared experts as FusedMoE slots of width ``slot_width``.
+
+    GLM-4.x and DeepSeek pack ``n_shared_experts`` experts of ``moe_intermediate_size`` into one
+    MLP. Qwen2-MoE, Qwen3-Next and Qwen3.5 have one shared MLP of ``shared_expert_intermediate_size``
+    whose output is scaled per token by ``sigmoid(shared_expert_gate(x))`` (``gated``): an MLP
+    of width ``m * I`` is the sum of ``m`` MLPs of width ``I``, so it becomes ``ceil(width / I)``
+    slots at the same per-token weight, the last one zero-padded where the width is not a multiple.
+    """
+
+    n_routed_experts: int
+    n_slots: int
+    slot_width: int
+    shared_width: int
+    gated: bool = False
+
+    @property
+    def padding(self) -> int:
+        return self.n_slots * self.slot_width - self.shared_width
+
+    @classmethod
+    def from_config(cls, config) -> SharedExpertShape:
+        inter = int(config.moe_intermediate_size)
+        if getattr(config, "n_routed_experts", None) is not None:
+            n_shared = int(getattr(config, "n_shared_experts", 0) or 0)
+            return cls(int(config.n_routed_experts), n_shared, inter, n_shared * inter)
+        width = int(getattr(config, "shared_expert_intermediate_size", 0) or 0)
+        return cls(int(config.num_experts), -(-width // inter), inter, width, gated=True)
+
+
+@dataclass(frozen=True)
 class FsePlan:
     """How a model runs its shared experts."""
 
@@ -71,6 +103,7 @@ class FsePlan:
     fused_max_tokens: int | None = None
     # Copies of each shared expert (VLLM_FSE_SHARED_REPLICAS); a token uses one of them.
     shared_replicas: int = 1
+    shape: SharedExpertShape | None = None
 
     @property
     def enabled(self) -> bool:
@@ -209,11 +242,15 @@ def _refusal(vllm_config, aiter: bool) -> str | None:
     return None
 
 
-def plan_fse(vllm_config) -> FsePlan:
-    """Decide FSE for the model described by ``vllm_config`` (main model or MTP draft)."""
-    config = vllm_config.model_config.hf_config
-    n_routed = int(config.n_routed_experts)
-    n_shared = int(getattr(config, "n_shared_experts", 0) or 0)
+def plan_fse(vllm_config, *, aiter_capable: bool = True) -> FsePlan:
+    """Decide FSE for the model described by ``vllm_config`` (main model or MTP draft).
+
+    ``aiter_capable``: whether upstream vLLM has an AITER fused-shared-expert path for the model.
+    """
+    model_config = vllm_config.model_config
+    config = getattr(model_config, "hf_text_config", None) or model_config.hf_config
+    shape = SharedExpertShape.from_config(config)
+    n_routed, n_shared = shape.n_routed_experts, shape.n_slots
 
     requested = _env_fse()
     max_tokens = env_fused_max_tokens()
@@ -240,11 +277,23 @@ def plan_fse(vllm_config) -> FsePlan:
             f"AITER MoE is active, where FSE runs through AITER: set {AITER_FSE_ENV}=1"
         )
     path = FsePath.AITER if aiter_fse else FsePath.BACKEND_NEUTRAL
-    hf_quant = getattr(config, "quantization_config", None)
+    if path is FsePath.AITER and not (aiter_capable and (not shape.gated or (n_shared == 1 and not shape.padding))):
+        return _fallback(
+            "vLLM's AITER fused-shared-expert path does not cover this model"
+            + (f" (its gated shared expert of width {shape.shared_width} is {n_shared} slots of {shape.slot_width})"
+               if aiter_capable else "")
+            + f"; set {FSE_ENV}=1 without VLLM_ROCM_USE_AITER_MOE=1 for the backend-neutral path"
+        )
+    hf_quant = getattr(model_config.hf_config, "quantization_config", None)
     try:
         fmt = shared_expert_format(hf_quant if isinstance(hf_quant, dict) else None)
     except UnsupportedSharedExpertFormat as e:
         return _fallback(f"unsupported shared-expert weight format: {e}")
+    if shape.padding and fmt.kind is not FormatKind.UNQUANTIZED:
+        return _fallback(
+            f"the shared expert's width {shape.shared_width} is not a multiple of moe_intermediate_size "
+            f"{shape.slot_width}, and zero-padding {fmt} weights is not supported"
+        )
     refusal = _refusal(vllm_config, aiter=path is FsePath.AITER)
     if refusal:
         return _fallback(refusal)
@@ -291,6 +340,7 @@ def plan_fse(vllm_config) -> FsePlan:
         switch=switch,
         fused_max_tokens=max_tokens if switch is FseSwitch.AUTO else None,
         shared_replicas=replicas,
+        shape=shape,
     )
 
 

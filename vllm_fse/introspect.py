@@ -40,13 +40,18 @@ def describe_model(model) -> dict[str, Any]:
         layers.append(
             {
                 "name": name,
-                "has_shared_experts_mlp": getattr(block, "shared_experts", None) is not None,
+                # GLM/DeepSeek: shared_experts; Qwen: shared_expert.
+                "has_shared_experts_mlp": any(
+                    getattr(block, name, None) is not None for name in ("shared_experts", "shared_expert")
+                ),
                 "has_split_mlp": getattr(block, "fse_split_mlp", None) is not None,
                 "router": type(runner.router).__qualname__,
                 # vLLM binds routed-experts capture only to BaseRouter subclasses.
                 "router_is_base_router": _is_base_router(runner.router),
                 "shared_slots": type(slots).__qualname__ if slots is not None else None,
                 "shared_slot_weight": slots.slot_weight if slots is not None else None,
+                "shared_slot_gated": slots.gate is not None if slots is not None else None,
+                "n_shared_slots": slots.n_shared if slots is not None else None,
                 "shared_replicas": slots.replicas if slots is not None else None,
                 "top_k": runner.moe_config.experts_per_token,
                 "w13_shape": list(runner.routed_experts.w13_weight.shape),
@@ -84,7 +89,8 @@ def shared_slot_weights(model) -> dict[str, dict[str, torch.Tensor]]:
     out = {}
     for name, block in _moe_blocks(model):
         routed = block.experts.routed_experts
-        n_routed = block.n_routed_experts
+        slots = getattr(block.experts, "fse_shared_slots", None)
+        n_routed = slots.n_routed if slots is not None else block.n_routed_experts
         out[name] = {
             "w13": routed.w13_weight[n_routed:].detach().float().cpu().clone(),
             "w2": routed.w2_weight[n_routed:].detach().float().cpu().clone(),

@@ -66,7 +66,10 @@ FAMILIES = {
     "glm4_moe_lite": ("Glm4MoeLiteForCausalLM", "Glm4MoeLiteMTPModel", "glm4_moe_lite"),
     "deepseek_v3": ("DeepseekV3ForCausalLM", "DeepSeekMTPModel", "deepseek_v3"),
     "deepseek_v2": ("DeepseekV2ForCausalLM", "DeepSeekMTPModel", "deepseek_v2"),
+    "qwen2_moe": ("Qwen2MoeForCausalLM", None, "qwen2_moe"),
 }
+# Qwen families: one gated shared expert ``mlp.shared_expert`` (+ ``mlp.shared_expert_gate``).
+QWEN_FAMILIES = frozenset({"qwen2_moe"})
 _MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
 
 
@@ -104,15 +107,25 @@ class TinyMoeSpec:
     qk_rope_head_dim: int = 64
     qk_nope_head_dim: int = 32
     v_head_dim: int = 32
+    # Qwen: width of the gated shared expert (0: moe_intermediate_size * n_shared_experts).
+    shared_expert_intermediate_size: int = 0
+
+    @property
+    def qwen(self) -> bool:
+        return self.family in QWEN_FAMILIES
 
     @property
     def mla(self) -> bool:
-        return self.family != "glm4_moe"
+        return self.family not in ("glm4_moe", *QWEN_FAMILIES)
 
     @property
     def softmax_routing(self) -> bool:
-        """DeepSeek-V2 scores experts with softmax and has no correction bias."""
-        return self.family == "deepseek_v2"
+        """DeepSeek-V2 and Qwen score experts with softmax and have no correction bias."""
+        return self.family == "deepseek_v2" or self.qwen
+
+    @property
+    def shared_width(self) -> int:
+        return self.shared_expert_intermediate_size or self.moe_intermediate_size * self.n_shared_experts
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -144,6 +157,11 @@ PRESETS: dict[str, TinyMoeSpec] = {
     # V2's softmax routing without renormalisation, rsf 16 as DeepSeek-V2, two shared experts.
     "tiny-deepseek-v2": TinyMoeSpec(
         family="deepseek_v2", routed_scaling_factor=16.0, norm_topk_prob=False, n_shared_experts=2
+    ),
+    # Qwen1.5/Qwen2-MoE: softmax top-k without renormalisation, a gated shared expert as wide
+    # as a routed one (1 slot); tests widen it to 2x and to a non-multiple.
+    "tiny-qwen2-moe": TinyMoeSpec(
+        family="qwen2_moe", hidden_size=128, head_dim=32, routed_scaling_factor=1.0, norm_topk_prob=False
     ),
     "tiny-glm4-lite": _TINY_GLM4_LITE,
     "tiny-glm4-lite-mtp": dataclasses.replace(_TINY_GLM4_LITE, mtp_layers=1),
@@ -287,7 +305,12 @@ def _decoder_layer(init: _Init, spec: TinyMoeSpec, layer: int) -> dict[str, torc
         t[f"{p}.mlp.gate.e_score_correction_bias"] = init.normal(spec.n_routed_experts, std=0.05)
     for e in range(spec.n_routed_experts):
         t.update(_mlp(init, f"{p}.mlp.experts.{e}", h, spec.moe_intermediate_size))
-    if spec.n_shared_experts:
+    if spec.qwen:
+        if spec.shared_width:
+            t.update(_mlp(init, f"{p}.mlp.shared_expert", h, spec.shared_width))
+            # Gate logits of order 1: sigmoid weights spread over (0, 1) from token to token.
+            t[f"{p}.mlp.shared_expert_gate.weight"] = init.linear(1, h)
+    elif spec.n_shared_experts:
         t.update(
             _mlp(
                 init,
@@ -353,8 +376,44 @@ def _mtp_layer(init: _Init, spec: TinyMoeSpec, layer: int, tensors: dict) -> dic
     }
 
 
+def _qwen_config(spec: TinyMoeSpec, eos_token_id: int) -> dict:
+    arch, _, model_type = FAMILIES[spec.family]
+    if spec.head_dim * spec.num_attention_heads != spec.hidden_size:
+        raise ValueError("Qwen2-MoE's head_dim is hidden_size / num_attention_heads")
+    return {
+        "architectures": [arch],
+        "model_type": model_type,
+        "eos_token_id": eos_token_id,
+        "pad_token_id": eos_token_id,
+        "hidden_act": "silu",
+        "hidden_size": spec.hidden_size,
+        "intermediate_size": spec.intermediate_size,
+        "max_position_embeddings": spec.max_position_embeddings,
+        "num_hidden_layers": spec.num_hidden_layers,
+        "num_attention_heads": spec.num_attention_heads,
+        "num_key_value_heads": spec.num_key_value_heads,
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0,
+        "tie_word_embeddings": False,
+        "use_sliding_window": False,
+        "qkv_bias": spec.attention_bias,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": list(range(spec.first_k_dense_replace)),
+        "moe_intermediate_size": spec.moe_intermediate_size,
+        "shared_expert_intermediate_size": spec.shared_width,
+        "num_experts": spec.n_routed_experts,
+        "num_experts_per_tok": spec.num_experts_per_tok,
+        "norm_topk_prob": spec.norm_topk_prob,
+        "torch_dtype": spec.dtype,
+        "use_cache": True,
+        "vocab_size": spec.vocab_size,
+    }
+
+
 def hf_config(spec: TinyMoeSpec, eos_token_id: int) -> dict:
     """config.json as the family's models ship it, with the tiny sizes."""
+    if spec.qwen:
+        return _qwen_config(spec, eos_token_id)
     arch, _, model_type = FAMILIES[spec.family]
     config = {
         "architectures": [arch],
@@ -415,6 +474,8 @@ def hf_config(spec: TinyMoeSpec, eos_token_id: int) -> dict:
 
 def spec_fingerprint(spec: TinyMoeSpec) -> str:
     fields = dataclasses.asdict(spec)
+    if not spec.shared_expert_intermediate_size:  # a later field: older checkpoints keep their names
+        del fields["shared_expert_intermediate_size"]
     if spec.family == "glm4_moe":
         # Fields a GLM-4 MoE checkpoint does not use leave its fingerprint as it always was.
         for name in ("family", *_MLA_FIELDS):

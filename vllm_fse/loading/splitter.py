@@ -8,6 +8,10 @@ intermediate dim is shared expert ``j``, which FSE loads as routed slot
 ``mlp.experts.{n_routed_experts + j}`` (and, with replicas, also as slot
 ``n_routed_experts + r * n_shared + j`` of replica ``r``). (The packed MLP computes the sum of the chunks' outputs,
 so routing a token to every slot at weight 1 reproduces it exactly.)
+
+Qwen2-MoE, Qwen3-Next and Qwen3.5 name the MLP ``mlp.shared_expert`` (one gated MLP of width
+``shared_expert_intermediate_size``): its width need not be a multiple of the slot width, and the
+last chunk is then zero-padded (zero rows of gate/up and zero columns of down add nothing).
 """
 
 from __future__ import annotations
@@ -37,9 +41,10 @@ class MissingSlotWeightsError(SharedExpertWeightError):
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-_SHARED_EXPERT_NAME = re.compile(
-    r"^(?P<head>(?:.*\.)?layers\.(?P<layer>\d+)\.mlp\.)shared_experts\.(?P<rest>.+)$"
-)
+
+
+def _shared_expert_pattern(module: str) -> re.Pattern:
+    return re.compile(rf"^(?P<head>(?:.*\.)?layers\.(?P<layer>\d+)\.mlp\.){re.escape(module)}\.(?P<rest>.+)$")
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,21 @@ class SharedExpertLayout:
     # Copies of each shared expert: replica r holds shared expert j in slot
     # ``n_routed + r * n_shared + j``.
     shared_replicas: int = 1
+    # The checkpoint's packed shared-expert module under ``mlp.`` and its intermediate width
+    # (None: ``moe_intermediate_size * n_shared_experts``; less: the last slot is zero-padded).
+    shared_expert_name: str = "shared_experts"
+    shared_width: int | None = None
+
+    @property
+    def packed_width(self) -> int:
+        if self.shared_width is not None:
+            return self.shared_width
+        return self.moe_intermediate_size * (self.n_shared_experts or 0)
+
+    @property
+    def padding(self) -> int:
+        """Zero rows appended to the last slot."""
+        return self.moe_intermediate_size * (self.n_shared_experts or 0) - self.packed_width
 
     @property
     def enabled(self) -> bool:
@@ -97,17 +117,24 @@ def _describe(name: str, tensor: torch.Tensor, layout: SharedExpertLayout) -> st
 
 
 def _check_weight(name: str, proj: str, tensor: torch.Tensor, layout: SharedExpertLayout) -> None:
-    packed = layout.moe_intermediate_size * layout.n_shared_experts
+    packed = layout.packed_width
     expected = (
         (layout.hidden_size, packed) if proj == "down_proj" else (packed, layout.hidden_size)
     )
     split_dim = 1 if proj == "down_proj" else 0
-    if tensor.dim() == 2 and tensor.shape[split_dim] % layout.n_shared_experts:
+    if layout.shared_width is not None:
+        if tuple(tensor.shape) != expected:
+            raise SharedExpertWeightError(
+                f"{_describe(name, tensor, layout)}: expected shape {list(expected)} = "
+                f"{'[hidden_size, shared_expert_intermediate_size]' if proj == 'down_proj' else '[shared_expert_intermediate_size, hidden_size]'}"
+                f" with hidden_size={layout.hidden_size}, shared_expert_intermediate_size={packed}"
+            )
+    elif tensor.dim() == 2 and tensor.shape[split_dim] % layout.n_shared_experts:
         raise SharedExpertWeightError(
             f"{_describe(name, tensor, layout)}: dim {split_dim} of size {tensor.shape[split_dim]} "
             f"is not divisible by n_shared_experts={layout.n_shared_experts}"
         )
-    if tuple(tensor.shape) != expected:
+    elif tuple(tensor.shape) != expected:
         raise SharedExpertWeightError(
             f"{_describe(name, tensor, layout)}: expected shape {list(expected)} = "
             f"{'[hidden_size, moe_intermediate_size * n_shared_experts]' if proj == 'down_proj' else '[moe_intermediate_size * n_shared_experts, hidden_size]'}"
@@ -189,16 +216,23 @@ def split_shared_experts(
     if not layout.enabled:
         yield from weights
         return
+    if layout.padding and layout.format is not UNQUANTIZED:
+        raise UnsupportedSharedExpertFormat(
+            f"zero-padding a {layout.format} shared expert of width {layout.packed_width} to "
+            f"{layout.n_shared_experts} slots of {layout.moe_intermediate_size}"
+        )
+    module = layout.shared_expert_name
+    pattern = _shared_expert_pattern(module)
     seen: dict[tuple[int, str], set[str]] = {}
     for name, tensor in weights:
-        if "shared_experts." not in name:
+        if f".{module}." not in name and not name.startswith(f"{module}."):
             yield name, tensor
             del tensor  # see below
             continue
-        match = _SHARED_EXPERT_NAME.match(name)
+        match = pattern.match(name)
         if match is None:
             raise UnsupportedSharedExpertFormat(
-                f"{_describe(name, tensor, layout)}: not a layers.N.mlp.shared_experts tensor"
+                f"{_describe(name, tensor, layout)}: not a layers.N.mlp.{module} tensor"
             )
         layer = int(match["layer"])
         proj, _, suffix = match["rest"].partition(".")
@@ -224,7 +258,7 @@ def split_shared_experts(
             _check_weight(name, proj, tensor, layout)
             split_dim = 1 if proj == "down_proj" else 0
             inter = layout.moe_intermediate_size
-            chunks = [tensor.narrow(split_dim, j * inter, inter) for j in range(layout.n_shared_experts)]
+            chunks = _weight_chunks(tensor, split_dim, layout)
         else:
             chunks = _scale_chunks(name, proj, suffix, split, tensor, layout)
         for j, chunk in enumerate(chunks):
@@ -245,6 +279,18 @@ def split_shared_experts(
             f"shared-expert scales without their weight (n_shared_experts={layout.n_shared_experts}): "
             + "; ".join(orphans)
         )
+
+
+def _weight_chunks(tensor: torch.Tensor, split_dim: int, layout: SharedExpertLayout) -> list[torch.Tensor]:
+    """Slot ``j``'s chunk of a packed weight: a view, except a zero-padded last chunk."""
+    inter, n = layout.moe_intermediate_size, layout.n_shared_experts
+    chunks = [tensor.narrow(split_dim, j * inter, inter) for j in range(n - 1)]
+    last = tensor.narrow(split_dim, (n - 1) * inter, inter - layout.padding)
+    if layout.padding:
+        pad = [0, 0, 0, 0]  # F.pad: (left, right) of the last dim, then (top, bottom) of the first
+        pad[3 if split_dim == 0 else 1] = layout.padding
+        last = torch.nn.functional.pad(last, pad)
+    return chunks + [last]
 
 
 @dataclass

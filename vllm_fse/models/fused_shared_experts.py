@@ -52,24 +52,35 @@ class MoeFamily:
     """What a model family does differently from the core: nothing else is family-specific.
 
     ``module`` is the upstream module whose MoE block (``moe_block``, a class in it) reads
-    ``resolve_layer_fused_shared_expert`` and ``FusedMoEFactory`` from the module's globals;
-    ``split_mlp`` builds the family's own dense shared-expert MLP (keyword arguments
-    ``hidden_size``, ``intermediate_size``, ``quant_config``, ``prefix``; output not reduced).
-    Checkpoints name the packed shared expert ``layers.N.mlp.shared_experts.{gate,up,down}_proj``
-    and a layer N has a MoE block when ``N >= first_k_dense_replace`` and
-    ``N % moe_layer_freq == 0``, MTP layers (``N >= num_hidden_layers``) included, as upstream.
+    ``FusedMoEFactory`` (and, where upstream decides fusion per layer,
+    ``resolve_layer_fused_shared_expert``) from the module's globals; ``split_mlp`` builds the
+    family's own dense shared-expert MLP (keyword arguments ``hidden_size``,
+    ``intermediate_size``, ``quant_config``, ``prefix``; output not reduced, not gated).
+    By default checkpoints name the packed shared expert
+    ``layers.N.mlp.shared_experts.{gate,up,down}_proj`` and ``moe_layers`` is
+    :func:`moe_layer_indices`; ``draft_prefix`` names the MTP tensors the main model must drop
+    before splitting (None: upstream's ``skip_spec_layers``); ``aiter_capable``: upstream has an
+    AITER fused-shared-expert path for the family. Which layers a model holds is read from
+    ``model.layers`` (a list, or a dict of MTP layers with the block at ``mtp_block.mlp``).
     """
 
     name: str
     module: str
     moe_block: str
     split_mlp: Callable[..., torch.nn.Module]
+    shared_expert_name: str = "shared_experts"
+    moe_layers: Callable[..., frozenset[int]] | None = None
+    draft_prefix: str | None = None
+    aiter_capable: bool = True
 
     def upstream(self):
         return importlib.import_module(self.module)
 
     def moe_block_cls(self) -> type:
         return getattr(self.upstream(), self.moe_block)
+
+    def moe_layer_indices(self, hf_config) -> frozenset[int]:
+        return (self.moe_layers or moe_layer_indices)(hf_config)
 
 
 def moe_layer_indices(hf_config) -> frozenset[int]:
@@ -107,7 +118,7 @@ def shared_slot_scaling(
 def _backend_neutral_factory(
     plan: FsePlan,
     switch: SwitchPoint,
-    build_split_mlp: Callable[..., torch.nn.Module],
+    family: MoeFamily,
     real_factory: Callable,
     dtype: torch.dtype | None,
 ) -> Callable:
@@ -120,9 +131,13 @@ def _backend_neutral_factory(
         routed_scaling_factor: float = 1.0,
         apply_routed_scale_to_output: bool = False,
         shared_expert_prefix: str | None = None,
+        shared_experts: torch.nn.Module | None = None,
+        shared_expert_gate: torch.nn.Module | None = None,
         **kwargs,
     ):
-        if not fuse_shared_experts:
+        # Families that decide fusion per layer ask for it (GLM, DeepSeek, Qwen3-Next); Qwen2-MoE
+        # always hands over its shared MLP, which the fused layer then replaces.
+        if not (fuse_shared_experts or shared_experts is not None):
             return real_factory(
                 num_experts=num_experts,
                 top_k=top_k,
@@ -131,13 +146,28 @@ def _backend_neutral_factory(
                 shared_expert_prefix=shared_expert_prefix,
                 routed_scaling_factor=routed_scaling_factor,
                 apply_routed_scale_to_output=apply_routed_scale_to_output,
+                shared_expert_gate=shared_expert_gate,
                 **kwargs,
             )
-        if n_shared_experts != plan.n_shared_experts or num_experts != plan.n_routed_experts:
+        shape = plan.shape
+        if num_experts != plan.n_routed_experts or (
+            not shape.gated and n_shared_experts is not None and n_shared_experts != plan.n_shared_experts
+        ):
             raise RuntimeError(
                 f"vllm-fse: MoE block asks for {num_experts} routed + {n_shared_experts} shared "
                 f"experts, the plan has {plan.n_routed_experts} + {plan.n_shared_experts}"
             )
+        gate = None
+        if shape.gated:
+            gate = shared_expert_gate if shared_expert_gate is not None else getattr(shared_experts, "expert_gate", None)
+            if gate is None:
+                raise RuntimeError(
+                    f"vllm-fse: {kwargs.get('prefix')} has a gated shared expert (Qwen) but its MoE block "
+                    "passed no shared_expert_gate"
+                )
+        n_shared_experts = plan.n_shared_experts
+        if shared_expert_prefix is None:
+            shared_expert_prefix = f"{kwargs.get('prefix', '').rpartition('.')[0]}.{family.shared_expert_name}"
         # The routed part is routed exactly as upstream would, by the router vLLM picks for
         # this platform; as in FusedMoEFactory, rsf goes either into it or onto the output.
         routed = create_fused_moe_router(
@@ -175,13 +205,13 @@ def _backend_neutral_factory(
         split_mlp = None
         if switch.auto:
             # The model's own shared-expert MLP, under upstream's prefix (quantization rules).
-            split_mlp = build_split_mlp(
+            split_mlp = family.split_mlp(
                 hidden_size=kwargs["hidden_size"],
-                intermediate_size=kwargs["intermediate_size"] * n_shared_experts,
+                intermediate_size=shape.shared_width,
                 quant_config=kwargs.get("quant_config"),
                 prefix=shared_expert_prefix,
             )
-        SharedSlotExperts(
+        slots = SharedSlotExperts(
             runner,
             switch,
             n_routed=num_experts,
@@ -189,7 +219,11 @@ def _backend_neutral_factory(
             slot_weight=slot_weight,
             split_mlp=split_mlp,
             replicas=plan.shared_replicas,
+            gate=gate,
         )
+        # Upstream's own shared MLP (Qwen2-MoE builds it whatever the plan): dropped from the
+        # block after construction, its tensors go to the slots.
+        slots.replaced_shared_mlp = shared_experts
         return runner
 
     return factory
@@ -200,7 +234,6 @@ def moe_construction(
     family: MoeFamily,
     plan: FsePlan,
     switch: SwitchPoint | None,
-    build_split_mlp: Callable[..., torch.nn.Module],
     dtype: torch.dtype | None = None,
 ) -> Iterator[None]:
     """Build the family's upstream MoE blocks according to ``plan`` (see the module docstring).
@@ -209,29 +242,34 @@ def moe_construction(
     (single-threaded, restored on exit); see :mod:`vllm_fse.patches`.
     """
     module = family.upstream()
-    real_resolve = module.resolve_layer_fused_shared_expert
+    real_resolve = getattr(module, "resolve_layer_fused_shared_expert", None)
     real_factory = module.FusedMoEFactory
-    module.resolve_layer_fused_shared_expert = lambda quant_config, prefix, *a, **k: plan.enabled
+    if real_resolve is not None:
+        module.resolve_layer_fused_shared_expert = lambda quant_config, prefix, *a, **k: plan.enabled
     if plan.path is FsePath.BACKEND_NEUTRAL:
-        module.FusedMoEFactory = _backend_neutral_factory(plan, switch, build_split_mlp, real_factory, dtype)
+        module.FusedMoEFactory = _backend_neutral_factory(plan, switch, family, real_factory, dtype)
     try:
         yield
     finally:
-        module.resolve_layer_fused_shared_expert = real_resolve
+        if real_resolve is not None:
+            module.resolve_layer_fused_shared_expert = real_resolve
         module.FusedMoEFactory = real_factory
 
 
-def checkpoint_layout(hf_config, plan: FsePlan) -> SharedExpertLayout:
+def checkpoint_layout(hf_config, plan: FsePlan, family: MoeFamily) -> SharedExpertLayout:
     """The splitter's view of the checkpoint: every MoE layer, MTP layers included."""
+    shape = plan.shape
     return SharedExpertLayout(
         n_routed_experts=plan.n_routed_experts,
         n_shared_experts=plan.n_shared_experts if plan.enabled else 0,
         hidden_size=hf_config.hidden_size,
         moe_intermediate_size=hf_config.moe_intermediate_size,
-        moe_layers=moe_layer_indices(hf_config),
+        moe_layers=family.moe_layer_indices(hf_config),
         format=plan.format,
         dense_copy=SPLIT_MLP if plan.switch is FseSwitch.AUTO else None,
         shared_replicas=plan.shared_replicas,
+        shared_expert_name=family.shared_expert_name,
+        shared_width=shape.shared_width if shape is not None and shape.gated else None,
     )
 
 
@@ -335,6 +373,7 @@ def load_with_fused_shared_experts(
     hf_config,
     model: torch.nn.Module,
     moe_blocks: dict[int, torch.nn.Module],
+    family: MoeFamily,
 ) -> set[str]:
     """Run ``load`` (upstream's loader) on the split checkpoint, then verify every slot.
 
@@ -342,7 +381,7 @@ def load_with_fused_shared_experts(
     """
     if not plan.enabled:
         return load(weights)
-    layout = checkpoint_layout(hf_config, plan)
+    layout = checkpoint_layout(hf_config, plan, family)
     tracker = SlotTracker(
         frozenset().union(
             *(
@@ -426,6 +465,16 @@ def log_plan(model_name: str, plan: FsePlan, moe_blocks: dict[int, torch.nn.Modu
             f"position): {plan.shared_replicas - 1} extra per layer, {_format_bytes(extra)} in all"
         )
 
+    shape = plan.shape
+    if shape is not None and shape.gated:
+        weight += " x sigmoid(shared_expert_gate(x)) per token"
+        if shape.n_slots > 1 or shape.padding:
+            weight += (
+                f"; shared expert of width {shape.shared_width} as {shape.n_slots} slots of {shape.slot_width}"
+                + (f" (last one zero-padded: +{shape.padding / shape.shared_width:.1%} shared-expert FLOPs)"
+                   if shape.padding else "")
+            )
+
     def announce() -> None:
         steps = ""
         if switch is not None:
@@ -475,7 +524,7 @@ class FusedSharedExpertsMixin:
     fse_plan: FsePlan
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        plan = plan_fse(vllm_config)
+        plan = plan_fse(vllm_config, aiter_capable=self.fse_family.aiter_capable)
         if plan.enabled and compiled_on_cpu(vllm_config):
             # Before construction: the model's compile backend copies the Inductor options.
             keep_inductor_order_of_out_variant_kernels(vllm_config)
@@ -488,13 +537,21 @@ class FusedSharedExpertsMixin:
                 else SwitchPoint.always_fused(max_tokens)
             )
         dtype = vllm_config.model_config.dtype
-        with moe_construction(self.fse_family, plan, switch, self.fse_family.split_mlp, dtype):
+        with moe_construction(self.fse_family, plan, switch, dtype):
             super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.fse_plan = plan
         self.fse_switch = switch
+        self.fse_hf_config = getattr(vllm_config.model_config, "hf_text_config", None) or vllm_config.model_config.hf_config
         for block in self.fse_moe_blocks().values():
             slots = getattr(block.experts, "fse_shared_slots", None)
-            if slots is not None and slots.split_mlp is not None:
+            if slots is None:
+                continue
+            if slots.replaced_shared_mlp is not None:
+                for name, child in list(block.named_children()):
+                    if child is slots.replaced_shared_mlp:
+                        setattr(block, name, None)
+                slots.replaced_shared_mlp = None
+            if slots.split_mlp is not None:
                 # Under the block, so the checkpoint's shared-expert tensors load into it.
                 block.add_module(SPLIT_MLP, slots.split_mlp)
         log_plan(type(self).__name__, plan, self.fse_moe_blocks())
@@ -503,13 +560,17 @@ class FusedSharedExpertsMixin:
         else:
             record_target_plan(plan)
 
+    def fse_decoder_layers(self) -> torch.nn.Module:
+        """The model's ``layers`` container (a multimodal wrapper overrides where it sits)."""
+        return self.model.layers
+
     def fse_moe_blocks(self) -> dict[int, torch.nn.Module]:
-        """Layer index -> MoE block, for the layers this rank holds."""
+        """Layer index -> MoE block, for the layers this rank holds (pipeline ranks hold
+        ``PPMissingLayer`` elsewhere)."""
         block_cls = self.fse_family.moe_block_cls()
-        if self.fse_draft:
-            found = ((int(i), getattr(layer.mtp_block, "mlp", None)) for i, layer in self.model.layers.items())
-        else:
-            found = ((getattr(layer, "layer_idx", None), getattr(layer, "mlp", None)) for layer in self.model.layers)
+        layers = self.fse_decoder_layers()
+        items = layers.items() if isinstance(layers, torch.nn.ModuleDict) else enumerate(layers)
+        found = ((int(i), getattr(getattr(layer, "mtp_block", layer), "mlp", None)) for i, layer in items)
         return {i: block for i, block in found if isinstance(block, block_cls)}
 
     def fse_checkpoint_weights(
@@ -517,17 +578,21 @@ class FusedSharedExpertsMixin:
     ) -> Iterable[tuple[str, torch.Tensor]]:
         if self.fse_draft:
             return weights
+        # MTP tensors belong to the draft model: drop them before splitting.
+        prefix = self.fse_family.draft_prefix
+        if prefix is not None:
+            return ((name, tensor) for name, tensor in weights if not name.startswith(prefix))
         from vllm.model_executor.models.utils import skip_spec_layers
 
-        # MTP tensors belong to the draft model: drop them before splitting.
-        return skip_spec_layers(weights, self.config)
+        return skip_spec_layers(weights, self.fse_hf_config)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         return load_with_fused_shared_experts(
             self.fse_checkpoint_weights(weights),
             super().load_weights,
             plan=self.fse_plan,
-            hf_config=self.config,
+            hf_config=self.fse_hf_config,
             model=self,
             moe_blocks=self.fse_moe_blocks(),
+            family=self.fse_family,
         )

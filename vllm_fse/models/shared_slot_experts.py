@@ -176,6 +176,7 @@ class SharedSlotExperts:
         slot_weight: float,
         split_mlp: torch.nn.Module | None,
         replicas: int = 1,
+        gate: torch.nn.Module | None = None,
     ) -> None:
         if switch.auto and split_mlp is None:
             raise ValueError("vllm-fse: VLLM_FSE=auto needs a split MLP for every MoE layer")
@@ -186,6 +187,10 @@ class SharedSlotExperts:
         self.replicas = replicas  # copies of each shared expert (n_shared * replicas slots)
         self.slot_weight = slot_weight
         self.split_mlp = split_mlp
+        # Qwen's shared expert is scaled per token by sigmoid(gate(x)) ([1, hidden] linear):
+        # the shared slots' weight, or the split MLP's output scale.
+        self.gate = gate
+        self.replaced_shared_mlp: torch.nn.Module | None = None
         self.layer_name = runner.layer_name
         routed = runner.routed_experts
         self._forward_modular = routed.forward_modular  # vLLM's, bound to this layer
@@ -231,15 +236,27 @@ class SharedSlotExperts:
         self.switch.calls["split"] += 1
         return self.split(x, topk_weights, topk_ids)
 
+    def gate_weight(self, x: torch.Tensor) -> torch.Tensor:
+        """``[tokens, 1]``: the shared expert's per-token scale, as upstream's gated MLP computes
+        it (``sigmoid`` of the gate's output in the model's dtype)."""
+        return torch.sigmoid(self.gate(x)[0])
+
     def fused(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         tokens, top_k = topk_ids.shape
         ids, weights = self.switch.slot_buffers(self, tokens, topk_weights, topk_ids)
         ids[:, :top_k].copy_(topk_ids)
         weights[:, :top_k].copy_(topk_weights)
+        if self.gate is not None:
+            shared_weights = weights[:, top_k:]
+            shared_weights.copy_(self.gate_weight(x).expand_as(shared_weights))
+            if self.slot_weight != 1.0:
+                shared_weights.mul_(self.slot_weight)
         return self._experts(x, weights, ids)
 
     def split(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         shared = self._mlp(x)  # first, as vLLM runs unfused shared experts
+        if self.gate is not None:
+            shared = shared.mul_(self.gate_weight(x))
         out = self._experts(x, topk_weights, topk_ids)
         return out.add_(shared, alpha=self.slot_weight)
 
@@ -327,7 +344,8 @@ def cache_key(layer: SharedSlotExperts, x: torch.Tensor) -> str:
             "hidden": int(x.shape[-1]),
             "w13": list(routed.w13_weight.shape),
             "w2": list(routed.w2_weight.shape),
-            "experts": f"{layer.n_routed}+{layer.n_shared}" + (f"x{layer.replicas}" if layer.replicas > 1 else ""),
+            "experts": f"{layer.n_routed}+{layer.n_shared}" + (f"x{layer.replicas}" if layer.replicas > 1 else "")
+            + (" gated" if layer.gate is not None else ""),
             "kernel": type(routed.quant_method).__name__,
             "max_num_batched_tokens": layer.switch.max_num_batched_tokens,
             "versions": f"vllm {vllm_version}, torch {torch.__version__}, vllm-fse {fse_version}",
