@@ -37,7 +37,8 @@ def run_one(run: dict) -> dict:
         result = {probe: llm.apply_model(_probe(probe)) for probe in run.get("probes", [])}
         for probe in run.get("worker_probes", []):  # e.g. the drafter, which apply_model cannot reach
             result[probe] = llm.collective_rpc(getattr(introspect, probe))
-        outputs = llm.generate(run["prompts"], SamplingParams(**run["sampling"]), use_tqdm=False)
+        # No prompts: the engine is only built, loaded and probed.
+        outputs = llm.generate(run["prompts"], SamplingParams(**run["sampling"]), use_tqdm=False) if run["prompts"] else []
         result["outputs"] = [
             {
                 "token_ids": list(o.outputs[0].token_ids),

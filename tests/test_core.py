@@ -77,3 +77,20 @@ def test_the_draft_model_is_found_under_model_runner_v2_and_the_v1_runners():
     assert _drafter_model(v1) is draft
     assert _drafter_model(v2) is draft
     assert _drafter_model(SimpleNamespace(worker=v2)) is draft  # a WorkerWrapper
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        ({"num_hidden_layers": 4, "num_experts": 8}, {0, 1, 2, 3}),
+        ({"num_hidden_layers": 4, "num_experts": 8, "mlp_only_layers": [0]}, {1, 2, 3}),
+        ({"num_hidden_layers": 4, "num_experts": 8, "decoder_sparse_step": 2}, {1, 3}),
+        ({"num_hidden_layers": 4, "num_experts": 0}, set()),
+        # Qwen3-Next's MTP layers are mtp.layers.K, numbered from 0 like the main layers.
+        ({"num_hidden_layers": 1, "num_experts": 8, "num_nextn_predict_layers": 2}, {0, 1}),
+    ],
+)
+def test_qwen_moe_layers_follow_upstreams_rule(config, expected):
+    from vllm_fse.models.qwen_moe import qwen_moe_layer_indices
+
+    assert qwen_moe_layer_indices(SimpleNamespace(**config)) == expected

@@ -301,3 +301,53 @@ def test_mone_expert_substitution_falls_back(platform, monkeypatch):
     config.model_config.hf_config.approximate_experts = {"3": [7, 9]}
     plan = plan_fse(config)
     assert plan.path is FsePath.OFF and "MoNE expert substitution" in plan.reason
+
+
+# -- Qwen: the gated shared expert's width decides the slots ----------------------------------------
+
+
+def _qwen_config(width: int, inter: int = 512, **kw):
+    config = _config(**kw)
+    config.model_config.hf_config = SimpleNamespace(num_experts=64, moe_intermediate_size=inter,
+                                                    shared_expert_intermediate_size=width)  # fmt: skip
+    return config
+
+
+@pytest.mark.parametrize(("width", "slots", "padding"), [(512, 1, 0), (2048, 4, 0), (640, 2, 384), (0, 0, 512 * 0)])
+def test_a_qwen_shared_expert_is_ceil_width_over_moe_width_gated_slots(platform, monkeypatch, width, slots, padding):
+    platform()
+    monkeypatch.setenv("VLLM_FSE", "1")
+    plan = plan_fse(_qwen_config(width))
+    if not slots:
+        assert plan.path is FsePath.OFF and plan.reason == "the model has no shared experts"
+        return
+    assert plan.path is FsePath.BACKEND_NEUTRAL and plan.slots == range(64, 64 + slots)
+    assert plan.shape.gated and plan.shape.padding == padding and plan.shape.shared_width == width
+
+
+def test_the_text_config_of_a_multimodal_qwen_is_the_one_read(platform, monkeypatch):
+    platform()
+    monkeypatch.setenv("VLLM_FSE", "1")
+    config = _qwen_config(1024)
+    config.model_config.hf_text_config = config.model_config.hf_config
+    config.model_config.hf_config = SimpleNamespace()  # the vision-language wrapper's config
+    assert plan_fse(config).slots == range(64, 66)
+
+
+def test_a_padded_quantized_qwen_shared_expert_falls_back_naming_the_widths(platform, monkeypatch):
+    platform()
+    monkeypatch.setenv("VLLM_FSE", "1")
+    config = _qwen_config(640)
+    config.model_config.hf_config.quantization_config = {"quant_method": "fp8", "activation_scheme": "dynamic"}
+    plan = plan_fse(config)
+    assert plan.path is FsePath.OFF and "width 640 is not a multiple of moe_intermediate_size 512" in plan.reason
+
+
+@pytest.mark.parametrize(("width", "capable", "path"), [(512, True, "AITER"), (1024, True, "OFF"), (512, False, "OFF")])
+def test_aiter_takes_a_qwen_model_only_where_upstream_fuses_it(platform, monkeypatch, width, capable, path):
+    """Upstream's AITER path fuses Qwen3-Next/Qwen3.5 with one slot; wider experts and Qwen2-MoE fall back."""
+    platform(rocm=True, aiter_moe=True, aiter_fse=True)
+    plan = plan_fse(_qwen_config(width), aiter_capable=capable)
+    assert plan.path.name == path
+    if path == "OFF":
+        assert "AITER fused-shared-expert path does not cover this model" in plan.reason

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import vllm_fse.loading as loading
 from vllm_fse.loading import (
+    PROJECTIONS,
     UNQUANTIZED,
     MissingSlotWeightsError,
     SharedExpertLayout,
@@ -400,3 +401,51 @@ def test_dense_copy_passes_each_packed_tensor_on_whole_after_its_chunks():
         "model.layers.1.mlp.fse_split_mlp.gate_proj.weight",
     ]
     assert out[-1][1] is gate
+
+
+# -- Qwen: one gated shared expert, any width --------------------------------------------------
+
+
+def _qwen_layout(width: int, inter: int = 4, hidden: int = 8, **kw) -> SharedExpertLayout:
+    return SharedExpertLayout(
+        n_routed_experts=6, n_shared_experts=-(-width // inter), hidden_size=hidden, moe_intermediate_size=inter,
+        moe_layers=frozenset({0, 1}), shared_expert_name="shared_expert", shared_width=width, **kw,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("width", [4, 8, 10])
+def test_a_wide_gated_shared_expert_becomes_slots_that_sum_to_it_with_zero_padding(width):
+    """m slots of width I, the last one zero-padded, compute exactly the MLP of width m*I - pad."""
+    layout = _qwen_layout(width)
+    g = torch.Generator().manual_seed(width)
+    p = "model.language_model.layers.1.mlp.shared_expert"  # Qwen3.5's multimodal checkpoint prefix
+    packed = {f"{p}.gate_proj.weight": torch.randn(width, 8, generator=g), f"{p}.up_proj.weight": torch.randn(width, 8, generator=g),
+              f"{p}.down_proj.weight": torch.randn(8, width, generator=g)}  # fmt: skip
+    gate = ("model.language_model.layers.1.mlp.shared_expert_gate.weight", torch.randn(1, 8, generator=g))
+    out = dict(split_shared_experts([*packed.items(), gate], layout))
+    assert out[gate[0]] is gate[1]  # the gate is not a shared-expert tensor: it passes through
+    slots = range(6, 6 + layout.n_shared_experts)
+    x = torch.randn(5, 8, generator=g)
+
+    def mlp(gate_w, up_w, down_w):
+        return (torch.nn.functional.silu(x @ gate_w.T) * (x @ up_w.T)) @ down_w.T
+
+    q = "model.language_model.layers.1.mlp.experts"
+    fused = sum(mlp(*(out[f"{q}.{s}.{proj}.weight"] for proj in PROJECTIONS)) for s in slots)
+    torch.testing.assert_close(fused, mlp(*packed.values()), rtol=1e-5, atol=1e-5)
+    pad = layout.padding
+    assert pad == -width % 4
+    if pad:
+        last = slots[-1]
+        assert not out[f"{q}.{last}.gate_proj.weight"][-pad:].any() and not out[f"{q}.{last}.down_proj.weight"][:, -pad:].any()
+
+
+def test_a_gated_shared_expert_of_the_wrong_width_names_the_config_field():
+    layout = _qwen_layout(10)
+    with pytest.raises(SharedExpertWeightError, match=r"shared_expert_intermediate_size=10"):
+        list(split_shared_experts([("model.layers.0.mlp.shared_expert.up_proj.weight", torch.zeros(12, 8))], layout))
+
+
+def test_zero_padding_a_quantized_shared_expert_is_refused():
+    with pytest.raises(UnsupportedSharedExpertFormat, match="zero-padding"):
+        list(split_shared_experts([], _qwen_layout(10, format=fp8_per_tensor(static_activation_scale=False))))

