@@ -1,6 +1,6 @@
 """The benchmark tools end to end on the tiny model with the real vLLM server and engine: the
-sweep (one cell, both arms, then resumed), the lm-eval accuracy A/B in vLLM's default compiled
-mode, and the decode profile. These are smoke runs of the tools, not performance tests."""
+sweep (one cell, both arms, then resumed), the lm-eval accuracy A/B, and the decode profile,
+all eager (CI time; FSE in vLLM's compiled mode is tested by the families' and ``auto``'s tests). These are smoke runs of the tools, not performance tests."""
 
 from __future__ import annotations
 
@@ -46,20 +46,20 @@ def test_sweep_smoke_measures_both_arms_and_resumes(tmp_path: Path):
     assert (out / "summary.md").read_text() == md
 
 
-def test_accuracy_ab_agrees_per_sample_in_compiled_mode(tmp_path: Path):
+def test_accuracy_ab_agrees_per_sample(tmp_path: Path):
     out = tmp_path / "acc"
-    proc = _run(["accuracy", "--preset", "tiny", "--limit", "24", "--out", str(out)])
-    assert "| fse_arith_mc | acc,none | 24 |" in proc.stdout
+    proc = _run(["accuracy", "--preset", "tiny", "--limit", "12", "--server-arg=--enforce-eager", "--out", str(out)])
+    assert "| fse_arith_mc | acc,none | 12 |" in proc.stdout
     data = json.loads((out / "accuracy.json").read_text())
-    assert "--enforce-eager" not in data["meta"]["server_args"]  # vLLM's default (compiled) mode
+    assert "--enforce-eager" in data["meta"]["server_args"]  # the extra server argument reached both arms
     by_task = {c["task"]: c for c in data["comparisons"]}
     mc, gen = by_task["fse_arith_mc"], by_task["fse_arith_gen"]
-    assert mc["ll_samples"] == 24 and mc["ll_max_abs_diff"] < 1e-3 and mc["ll_over_tolerance"] == 0
-    assert gen["generations"] == 24 and gen["generations_identical"] == 24
+    assert mc["ll_samples"] == 12 and mc["ll_max_abs_diff"] < 1e-3 and mc["ll_over_tolerance"] == 0
+    assert gen["generations"] == 12 and gen["generations_identical"] == 12
     assert all(c["passed"] for c in data["comparisons"])
     for arm in ("off", "on"):  # one row per item and filter: 1 filter for mc, 2 for gen
         tasks = Counter(json.loads(line)["task"] for line in (out / f"samples-{arm}.jsonl").read_text().splitlines())
-        assert tasks == {"fse_arith_mc": 24, "fse_arith_gen": 48}
+        assert tasks == {"fse_arith_mc": 12, "fse_arith_gen": 24}
 
 
 def test_profile_sees_the_shared_expert_gemms_disappear(tmp_path: Path):
