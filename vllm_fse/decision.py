@@ -205,7 +205,7 @@ def _expert_substitution(vllm_config) -> bool:
     return get_expert_substitution_spec(vllm_config.model_config) is not None
 
 
-def _refusal(vllm_config, aiter: bool) -> str | None:
+def _refusal(vllm_config, aiter: bool, shared_expert_name: str = "shared_experts") -> str | None:
     """Why FSE cannot run in this configuration, or None."""
     if _expert_substitution(vllm_config):
         # It allocates only the retained experts' rows and rewrites the routes in place before
@@ -235,17 +235,18 @@ def _refusal(vllm_config, aiter: bool) -> str | None:
         )
 
         ok, why = is_shared_expert_quant_fse_compatible(
-            vllm_config.quant_config, "model.layers.0.mlp.experts", "model.layers.0.mlp.shared_experts"
+            vllm_config.quant_config, "model.layers.0.mlp.experts", f"model.layers.0.mlp.{shared_expert_name}"
         )
         if not ok:
             return f"AITER cannot fuse this checkpoint's shared experts: {why}"
     return None
 
 
-def plan_fse(vllm_config, *, aiter_capable: bool = True) -> FsePlan:
+def plan_fse(vllm_config, *, aiter_capable: bool = True, shared_expert_name: str = "shared_experts") -> FsePlan:
     """Decide FSE for the model described by ``vllm_config`` (main model or MTP draft).
 
-    ``aiter_capable``: whether upstream vLLM has an AITER fused-shared-expert path for the model.
+    ``aiter_capable``: whether upstream vLLM has an AITER fused-shared-expert path for the model;
+    ``shared_expert_name``: the checkpoint's shared-expert module under ``mlp.`` (quantization rules).
     """
     model_config = vllm_config.model_config
     config = getattr(model_config, "hf_text_config", None) or model_config.hf_config
@@ -294,7 +295,7 @@ def plan_fse(vllm_config, *, aiter_capable: bool = True) -> FsePlan:
             f"the shared expert's width {shape.shared_width} is not a multiple of moe_intermediate_size "
             f"{shape.slot_width}, and zero-padding {fmt} weights is not supported"
         )
-    refusal = _refusal(vllm_config, aiter=path is FsePath.AITER)
+    refusal = _refusal(vllm_config, aiter=path is FsePath.AITER, shared_expert_name=shared_expert_name)
     if refusal:
         return _fallback(refusal)
     requested_by = f"{FSE_ENV}={requested}" if forced else f"{AITER_FSE_ENV}=1"

@@ -21,9 +21,10 @@ from vllm.model_executor.models.deepseek_v2 import (
 from vllm_fse.models.fused_shared_experts import FusedSharedExpertsMixin, MoeFamily
 
 
-def deepseek_v2_split_mlp(*, hidden_size: int, intermediate_size: int, quant_config, prefix: str) -> torch.nn.Module:
-    """The shared-expert MLP as ``DeepseekV2MoE`` builds it unfused."""
-    from vllm.config import get_current_vllm_config
+def deepseek_v2_split_mlp(
+    *, hidden_size: int, intermediate_size: int, quant_config, prefix: str, is_sequence_parallel: bool
+) -> torch.nn.Module:
+    """The shared-expert MLP as ``DeepseekV2MoE`` builds it unfused (sequence parallel as its FusedMoE)."""
     from vllm.model_executor.models.deepseek_v2 import DeepseekV2MLP
 
     return DeepseekV2MLP(
@@ -31,7 +32,7 @@ def deepseek_v2_split_mlp(*, hidden_size: int, intermediate_size: int, quant_con
         intermediate_size=intermediate_size,
         hidden_act="silu",
         quant_config=quant_config,
-        is_sequence_parallel=get_current_vllm_config().parallel_config.use_sequence_parallel_moe,
+        is_sequence_parallel=is_sequence_parallel,
         reduce_results=False,
         prefix=prefix,
     )

@@ -55,7 +55,8 @@ class MoeFamily:
     ``FusedMoEFactory`` (and, where upstream decides fusion per layer,
     ``resolve_layer_fused_shared_expert``) from the module's globals; ``split_mlp`` builds the
     family's own dense shared-expert MLP (keyword arguments ``hidden_size``,
-    ``intermediate_size``, ``quant_config``, ``prefix``; output not reduced, not gated).
+    ``intermediate_size``, ``quant_config``, ``prefix``, ``is_sequence_parallel``; output not
+    reduced, not gated).
     By default checkpoints name the packed shared expert
     ``layers.N.mlp.shared_experts.{gate,up,down}_proj`` and ``moe_layers`` is
     :func:`moe_layer_indices`; ``draft_prefix`` names the MTP tensors the main model must drop
@@ -210,6 +211,8 @@ def _backend_neutral_factory(
                 intermediate_size=shape.shared_width,
                 quant_config=kwargs.get("quant_config"),
                 prefix=shared_expert_prefix,
+                # As the block built its FusedMoE: the runner reduces the sum accordingly.
+                is_sequence_parallel=kwargs.get("is_sequence_parallel", False),
             )
         slots = SharedSlotExperts(
             runner,
@@ -515,8 +518,9 @@ class FusedSharedExpertsMixin:
     :func:`plan_fse`'s plan and loads its weights through the splitter with slot verification.
 
     An adapter sets ``fse_family`` and, for an MTP draft, ``fse_draft = True``; that is all it
-    has to say. Main models keep their MoE blocks at ``model.layers[i].mlp`` (``layer_idx``),
-    drafts at ``model.layers[str(i)].mtp_block.mlp``, as every supported family does upstream.
+    has to say. MoE blocks sit at ``model.layers[i].mlp`` (GLM/DeepSeek drafts:
+    ``model.layers[str(i)].mtp_block.mlp``), as every supported family has them upstream; a
+    wrapper whose decoder layers sit elsewhere overrides :meth:`fse_decoder_layers`.
     """
 
     fse_family: MoeFamily
@@ -524,7 +528,9 @@ class FusedSharedExpertsMixin:
     fse_plan: FsePlan
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        plan = plan_fse(vllm_config, aiter_capable=self.fse_family.aiter_capable)
+        plan = plan_fse(
+            vllm_config, aiter_capable=self.fse_family.aiter_capable, shared_expert_name=self.fse_family.shared_expert_name
+        )
         if plan.enabled and compiled_on_cpu(vllm_config):
             # Before construction: the model's compile backend copies the Inductor options.
             keep_inductor_order_of_out_variant_kernels(vllm_config)
@@ -542,7 +548,15 @@ class FusedSharedExpertsMixin:
         self.fse_plan = plan
         self.fse_switch = switch
         self.fse_hf_config = getattr(vllm_config.model_config, "hf_text_config", None) or vllm_config.model_config.hf_config
-        for block in self.fse_moe_blocks().values():
+        blocks = self.fse_moe_blocks()
+        widened = sum(getattr(m, "fse_shared_slots", None) is not None for m in self.modules())
+        if widened != sum(getattr(b.experts, "fse_shared_slots", None) is not None for b in blocks.values()):
+            # A block the plugin cannot find would keep an unloaded split MLP and unverified slots.
+            raise RuntimeError(
+                f"vllm-fse: {type(self).__name__} built {widened} fused MoE layers but finds "
+                f"{len(blocks)} MoE blocks under its decoder layers"
+            )
+        for block in blocks.values():
             slots = getattr(block.experts, "fse_shared_slots", None)
             if slots is None:
                 continue

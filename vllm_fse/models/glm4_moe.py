@@ -10,8 +10,10 @@ from vllm.model_executor.models.glm4_moe import (
 from vllm_fse.models.fused_shared_experts import FusedSharedExpertsMixin, MoeFamily
 
 
-def glm4_moe_split_mlp(*, hidden_size: int, intermediate_size: int, quant_config, prefix: str) -> torch.nn.Module:
-    """The shared-expert MLP as ``Glm4MoE`` builds it unfused."""
+def glm4_moe_split_mlp(
+    *, hidden_size: int, intermediate_size: int, quant_config, prefix: str, is_sequence_parallel: bool = False
+) -> torch.nn.Module:
+    """The shared-expert MLP as ``Glm4MoE`` builds it unfused (GLM's MoE is never sequence parallel)."""
     from vllm.model_executor.models.glm4_moe import Glm4MoeMLP
 
     return Glm4MoeMLP(

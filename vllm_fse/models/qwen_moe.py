@@ -44,10 +44,12 @@ def qwen_moe_layer_indices(hf_config) -> frozenset[int]:
     return frozenset(i for i in range(n) if i not in mlp_only and (i + 1) % step == 0)
 
 
-def qwen_split_mlp(*, hidden_size: int, intermediate_size: int, quant_config, prefix: str) -> torch.nn.Module:
+def qwen_split_mlp(
+    *, hidden_size: int, intermediate_size: int, quant_config, prefix: str, is_sequence_parallel: bool
+) -> torch.nn.Module:
     """The shared-expert MLP as upstream builds it unfused, without its gate (the core applies
-    the gate, to the slots or to this MLP's output)."""
-    from vllm.config import get_current_vllm_config
+    the gate, to the slots or to this MLP's output). Sequence parallel as the block's FusedMoE
+    (Qwen3-Next's follows vLLM's setting, Qwen2-MoE's never is)."""
     from vllm.model_executor.models.qwen2_moe import Qwen2MoeMLP
 
     return Qwen2MoeMLP(
@@ -56,7 +58,7 @@ def qwen_split_mlp(*, hidden_size: int, intermediate_size: int, quant_config, pr
         hidden_act="silu",
         quant_config=quant_config,
         reduce_results=False,
-        is_sequence_parallel=get_current_vllm_config().parallel_config.use_sequence_parallel_moe,
+        is_sequence_parallel=is_sequence_parallel,
         prefix=prefix,
     )
 
