@@ -347,6 +347,31 @@ def _qwen3_next_layer_types(spec: TinyMoeSpec) -> list[str]:
     return ["full_attention" if i % 2 else "linear_attention" for i in range(spec.num_hidden_layers)]
 
 
+def _lm_head(init: _Init, embed_tokens: torch.Tensor) -> torch.Tensor:
+    """Logits with a std of about 4: peaked without being one-hot. Part of the output embedding
+    points along the input embedding, which lets an MTP layer draft by copying its input token;
+    the rest is random, so that the target itself does not just repeat tokens."""
+    v, h = embed_tokens.shape
+    along_embedding = embed_tokens.float() / math.sqrt(h)
+    random_part = init.linear(v, h).float()
+    return (
+        4.0 * (LM_HEAD_EMBEDDING_SHARE * along_embedding + (1 - LM_HEAD_EMBEDDING_SHARE**2) ** 0.5 * random_part)
+    ).to(init.dtype)
+
+
+def _damped(block: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """An MTP decoder block whose attention and MLP outputs are scaled by 0.3 (see :func:`_mtp_layer`)."""
+    return {
+        name: (t.float() * 0.3).to(dtype) if name.endswith(("o_proj.weight", "down_proj.weight")) else t
+        for name, t in block.items()
+    }
+
+
+def _copying_projection(init: _Init, h: int) -> torch.Tensor:
+    """``[h, 2h]`` float32: the token embedding passed through, plus a little of the hidden state."""
+    return torch.cat([torch.eye(h), init.linear(h, h, gain=0.1).float()], dim=1)
+
+
 def _hybrid_qwen_state_dict(spec: TinyMoeSpec, eos_token_id: int = 0) -> dict[str, torch.Tensor]:
     """Qwen3-Next's and Qwen3.5-MoE's tensors: the attention layers' shapes and their 1-D parameters (zero-centred
     norms, ``A_log``, ``dt_bias``) and convolution from transformers' own initialisation (seeded),
@@ -389,22 +414,15 @@ def _hybrid_qwen_state_dict(spec: TinyMoeSpec, eos_token_id: int = 0) -> dict[st
         tensors.update(attention_and_norms(p, p))
         tensors.update(moe(f"{p}.mlp"))
     tensors["model.norm.weight"] = reference["model.norm.weight"].to(init.dtype)
-    along_embedding = tensors["model.embed_tokens.weight"].float() / math.sqrt(h)
-    random_part = init.linear(v, h).float()
-    tensors["lm_head.weight"] = (
-        4.0 * (LM_HEAD_EMBEDDING_SHARE * along_embedding + (1 - LM_HEAD_EMBEDDING_SHARE**2) ** 0.5 * random_part)
-    ).to(init.dtype)
+    tensors["lm_head.weight"] = _lm_head(init, tensors["model.embed_tokens.weight"])
     full = next(i for i, kind in enumerate(_qwen3_next_layer_types(spec)) if kind == "full_attention")
     for k in range(spec.mtp_layers):  # a full-attention decoder layer, damped, after fc
         block = {**attention_and_norms(f"mtp.layers.{k}", f"model.layers.{full}"), **moe(f"mtp.layers.{k}.mlp")}
-        for name in block:
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
-                block[name] = (block[name].float() * 0.3).to(init.dtype)
-        tensors.update(block)
+        tensors.update(_damped(block, init.dtype))
     if spec.mtp_layers:
         zeros = torch.zeros(h, dtype=init.dtype)  # zero-centred RMSNorm weights: unit scale
         tensors.update({
-            "mtp.fc.weight": torch.cat([torch.eye(h), init.linear(h, h, gain=0.1).float()], dim=1).to(init.dtype),
+            "mtp.fc.weight": _copying_projection(init, h).to(init.dtype),
             "mtp.pre_fc_norm_embedding.weight": zeros.clone(),
             "mtp.pre_fc_norm_hidden.weight": zeros.clone(),
             "mtp.norm.weight": zeros.clone(),
@@ -422,14 +440,7 @@ def build_state_dict(spec: TinyMoeSpec) -> dict[str, torch.Tensor]:
     for layer in range(spec.num_hidden_layers):
         tensors.update(_decoder_layer(init, spec, layer))
     tensors["model.norm.weight"] = init.norm(h)
-    # Logits with a std of about 4: peaked without being one-hot. Part of the output embedding
-    # points along the input embedding, which lets the MTP layer below draft by copying its
-    # input token; the rest is random, so that the target itself does not just repeat tokens.
-    along_embedding = tensors["model.embed_tokens.weight"].float() / math.sqrt(h)
-    random_part = init.linear(v, h).float()
-    tensors["lm_head.weight"] = (
-        4.0 * (LM_HEAD_EMBEDDING_SHARE * along_embedding + (1 - LM_HEAD_EMBEDDING_SHARE**2) ** 0.5 * random_part)
-    ).to(init.dtype)
+    tensors["lm_head.weight"] = _lm_head(init, tensors["model.embed_tokens.weight"])
     for mtp in range(spec.mtp_layers):
         tensors.update(_mtp_layer(init, spec, spec.num_hidden_layers + mtp, tensors))
     return tensors
@@ -448,11 +459,8 @@ def _mtp_layer(init: _Init, spec: TinyMoeSpec, layer: int, tensors: dict) -> dic
     if layer < spec.first_k_dense_replace:
         raise ValueError("the MTP layer must be a MoE layer")
     h, p = spec.hidden_size, f"model.layers.{layer}"
-    block = _decoder_layer(init, spec, layer)
-    for name in block:
-        if name.endswith(("o_proj.weight", "down_proj.weight")):
-            block[name] = (block[name].float() * 0.3).to(init.dtype)
-    eh_proj = torch.cat([torch.eye(h), init.linear(h, h, gain=0.1).float()], dim=1)
+    block = _damped(_decoder_layer(init, spec, layer), init.dtype)
+    eh_proj = _copying_projection(init, h)
     extra = {}
     if spec.family.startswith("deepseek"):
         # DeepSeek-V3 checkpoints repeat the embedding in the MTP layer.
