@@ -276,3 +276,13 @@ def test_shipped_task_data_is_what_the_generator_makes():
     for item in items:
         answer = item["answer"].rsplit("#### ", 1)[1]
         assert item["choices"][item["label"]] == answer and len(set(item["choices"])) == 4
+
+
+def test_crossover_decode_schedule_pairs_adjacent_steps_and_rotates_the_leader():
+    from vllm_fse.bench.crossover import FLOOR, MODES, decode_schedule
+
+    arms = MODES + (FLOOR, "off")
+    cycles = decode_schedule(arms, 12)
+    assert len(cycles) == 12
+    assert all(sorted(cycle) == sorted(arms) for cycle in cycles)  # one step per arm per cycle
+    assert [cycle[0] for cycle in cycles[: len(arms)]] == list(arms)  # each arm leads in turn

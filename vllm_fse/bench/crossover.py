@@ -6,14 +6,17 @@ moved while it runs, so the paths are compared step against step:
 
 1. **MoE layer**: one live MoE layer's fused and split calls, timed interleaved at a ladder of
    token counts (decode sizes and prefill sizes), next to what the startup calibration chose;
-2. **engine step**: the engine's decode steps at each batch size and its prefill steps at each
-   token count, run in rounds that each time the three modes back to back (order rotating):
-   ``fused`` (every step fused, = ``VLLM_FSE=1``), ``split`` (every step split: vLLM's unfused
-   computation, = ``VLLM_FSE=0``) and ``auto`` (the calibrated switch point).
-   Ratios are paired per round: fused/split, and auto/split, the step-time ratio of auto to off;
+2. **engine step**: the engine's decode steps at each batch size, interleaved step by step over
+   the modes (order rotating), and its prefill steps at each token count, in rounds of one step
+   per mode: ``fused`` (every step fused, = ``VLLM_FSE=1``), ``split`` (every step split: vLLM's
+   unfused computation, = ``VLLM_FSE=0``), ``auto`` (the calibrated switch point) and, for decode,
+   ``routed`` (the routed experts only, no shared expert at all: not lossless, the floor that
+   any fusing of the shared expert could reach inside the same op). Ratios are paired per
+   adjacent steps (decode) or per round (prefill): fused/split, and auto/split, the step-time
+   ratio of auto to off;
 3. **FSE off** (``--confirm-off``): a second engine, built first with ``VLLM_FSE=0`` in the same
-   process, whose decode steps are interleaved with the three modes: ``auto/off`` and
-   ``fused/off`` directly, and ``split/off``, whether split costs what off costs.
+   process, whose decode and prefill steps are interleaved with the modes: ``auto/off`` and ``fused/off``
+   directly, ``split/off`` (whether split costs what off costs) and ``routed/off`` (the limit).
 
 Output in ``--out``: ``crossover.json`` (everything), ``crossover.md`` (tables) and
 ``crossover.png`` (cost of fused and split per MoE call against token count, with the switch point).
@@ -35,6 +38,8 @@ from vllm_fse.bench.machine import command_line, describe_machine, machine_line
 from vllm_fse.bench.stats import paired_delta
 
 MODES = ("fused", "split", "auto")
+# Decode only, a measurement of the limit: the shared expert costs nothing (outputs change).
+FLOOR = "routed"
 ALWAYS = 2**62
 
 
@@ -56,6 +61,25 @@ def set_fused_max_tokens(model, value: int | None) -> int:
     old = switch.fused_max_tokens
     switch.fused_max_tokens = switch.bench_calibrated if value is None else value
     return old
+
+
+def _routed_only(slots, x, topk_weights, topk_ids):
+    return slots._experts(x, topk_weights, topk_ids)
+
+
+def set_mode(model, mode: str) -> None:
+    """Run every following step as ``mode``: one of MODES, or FLOOR (split without the shared
+    expert: each MoE layer's op calls the routed experts only)."""
+    switch = _switch(model)
+    slots = getattr(switch, "bench_slots", None)
+    if slots is None:
+        slots = switch.bench_slots = [m.fse_shared_slots for m in model.modules() if hasattr(m, "fse_shared_slots")]
+    for layer in slots:
+        if mode == FLOOR:
+            layer.split = functools.partial(_routed_only, layer)
+        else:
+            layer.__dict__.pop("split", None)
+    set_fused_max_tokens(model, _mode_value(FLOOR if mode == FLOOR else mode))
 
 
 def time_moe_layer(model, sizes: list[int], reps: int) -> list[dict]:
@@ -94,11 +118,11 @@ def add_crossover_arguments(parser: argparse.ArgumentParser) -> None:
                         help="token counts of the MoE-layer timing")
     parser.add_argument("--layer-reps", type=int, default=7)
     parser.add_argument("--input-len", type=int, default=128, help="prompt tokens of the decode requests")
-    parser.add_argument("--steps", type=int, default=8, help="timed decode steps per mode and round")
-    parser.add_argument("--rounds", type=int, default=6, help="rounds of (fused, split, auto) at each size")
+    parser.add_argument("--steps", type=int, default=96,
+                        help="timed decode steps per mode at each batch size (interleaved one by one)")
     parser.add_argument("--prefill-rounds", type=int, default=4)
     parser.add_argument("--confirm-off", action="store_true",
-                        help="also build an FSE-off engine and interleave it with split at the decode batch sizes")
+                        help="also build an FSE-off engine and interleave its decode and prefill steps with the modes")
     parser.add_argument("--eager", action="store_true", help="enforce eager mode (default: vLLM's default)")
 
 
@@ -115,7 +139,7 @@ def _build_engine(args, model: str, dtype: str | None, fse: str):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     max_batch = max(args.decode_batch + [math.ceil(t / args.prefill_request_len) for t in args.prefill_tokens])
     max_tokens = max(args.prefill_tokens + [args.input_len * max(args.decode_batch), 2048])
-    total_steps = 8 + args.rounds * len(MODES) * args.steps + 16
+    total_steps = 8 + (len(MODES) + 1) * args.steps + 16
     return LLM(
         model=model,
         dtype=dtype or "auto",
@@ -163,7 +187,7 @@ class _Requests:
 
 
 def _mode_value(mode: str) -> int | None:
-    return {"fused": ALWAYS, "split": 0, "auto": None}[mode]
+    return {"fused": ALWAYS, "split": 0, "auto": None, FLOOR: 0}[mode]
 
 
 def _rotate(items: tuple[str, ...], k: int) -> tuple[str, ...]:
@@ -171,9 +195,17 @@ def _rotate(items: tuple[str, ...], k: int) -> tuple[str, ...]:
     return items[k:] + items[:k]
 
 
+def decode_schedule(arms: tuple[str, ...], steps: int) -> list[tuple[str, ...]]:
+    """``steps`` cycles of one step per arm, the order rotating by one each cycle (no arm always
+    runs first after another engine's step or right after the switch)."""
+    return [_rotate(arms, cycle) for cycle in range(steps)]
+
+
 def measure_decode(llm, reqs: _Requests, args, batch: int, off_llm=None, off_reqs=None) -> dict:
-    """Per round and mode, the median of ``--steps`` decode steps at ``batch``."""
-    total = 8 + args.rounds * len(MODES) * args.steps + 8
+    """Per arm, the time of each of ``--steps`` decode steps at ``batch``; step ``i`` of every arm
+    belongs to the same cycle (adjacent steps: the pairs of the ratios)."""
+    arms = MODES + (FLOOR,) + (("off",) if off_llm is not None else ())
+    total = 8 + (len(MODES) + 1) * args.steps + 8
     ids = reqs.add(batch, args.input_len, total)
     reqs.engine.step()  # prefill (one step)
     off_ids = []
@@ -184,37 +216,38 @@ def measure_decode(llm, reqs: _Requests, args, batch: int, off_llm=None, off_req
         reqs.engine.step()
         if off_llm is not None:
             off_reqs.engine.step()
-    arms = MODES + (("off",) if off_llm is not None else ())
-    per_round: dict[str, list[float]] = {m: [] for m in arms}
-    for rnd in range(args.rounds):
-        for arm in _rotate(arms, rnd):
+    per_step: dict[str, list[float]] = {m: [] for m in arms}
+    for cycle in decode_schedule(arms, args.steps):
+        for arm in cycle:
             if arm == "off":
-                times = [off_reqs.timed_step() for _ in range(args.steps)]
+                per_step[arm].append(off_reqs.timed_step() * 1e3)
             else:
-                llm.apply_model(functools.partial(set_fused_max_tokens, value=_mode_value(arm)))
-                times = [reqs.timed_step() for _ in range(args.steps)]
-            per_round[arm].append(statistics.median(times) * 1e3)
-    llm.apply_model(functools.partial(set_fused_max_tokens, value=None))
+                llm.apply_model(functools.partial(set_mode, mode=arm))
+                per_step[arm].append(reqs.timed_step() * 1e3)
+    llm.apply_model(functools.partial(set_mode, mode="auto"))
     reqs.drain(ids)
     if off_llm is not None:
         off_reqs.drain(off_ids)
-    return per_round
+    return per_step
 
 
-def measure_prefill(llm, reqs: _Requests, args, tokens: int) -> dict:
-    """Per round and mode, the time of one prefill step of ``tokens`` tokens."""
+def measure_prefill(llm, reqs: _Requests, args, tokens: int, off_reqs: _Requests | None = None) -> dict:
+    """Per round and arm, the time of one prefill step of ``tokens`` tokens."""
     n = math.ceil(tokens / args.prefill_request_len)
     lengths = [tokens // n + (1 if i < tokens % n else 0) for i in range(n)]
-    per_round: dict[str, list[float]] = {m: [] for m in MODES}
+    arms = MODES + (("off",) if off_reqs is not None else ())
+    per_round: dict[str, list[float]] = {m: [] for m in arms}
     for rnd in range(args.prefill_rounds + 1):  # round 0 warms up
-        for mode in _rotate(MODES, rnd):
-            llm.apply_model(functools.partial(set_fused_max_tokens, value=_mode_value(mode)))
-            ids = [rid for length in lengths for rid in reqs.add(1, length, 1)]
-            elapsed = reqs.timed_step()
-            reqs.drain(ids)
+        for arm in _rotate(arms, rnd):
+            engine_reqs = off_reqs if arm == "off" else reqs
+            if arm != "off":
+                llm.apply_model(functools.partial(set_mode, mode=arm))
+            ids = [rid for length in lengths for rid in engine_reqs.add(1, length, 1)]
+            elapsed = engine_reqs.timed_step()
+            engine_reqs.drain(ids)
             if rnd:
-                per_round[mode].append(elapsed * 1e3)
-    llm.apply_model(functools.partial(set_fused_max_tokens, value=None))
+                per_round[arm].append(elapsed * 1e3)
+    llm.apply_model(functools.partial(set_mode, mode="auto"))
     return per_round
 
 
@@ -222,7 +255,8 @@ def _ratios(per_round: dict[str, list[float]]) -> dict:
     out = {}
     for name, (a, b) in {"fused/split": ("split", "fused"), "auto/split": ("split", "auto"),
                          "split/off": ("off", "split"), "auto/off": ("off", "auto"),
-                         "fused/off": ("off", "fused")}.items():  # fmt: skip
+                         "fused/off": ("off", "fused"), "routed/off": ("off", FLOOR),
+                         "fused/routed": (FLOOR, "fused")}.items():  # fmt: skip
         if a in per_round and b in per_round:
             d = paired_delta(per_round[a], per_round[b])
             ci = None if d.ci_low_pct is None else [1 + d.ci_low_pct / 100, 1 + d.ci_high_pct / 100]
@@ -264,7 +298,7 @@ def run(args: argparse.Namespace) -> Path:
         print(f"decode batch {batch}: {_short(result['decode'][batch])}", flush=True)
     result["prefill"] = {}
     for tokens in args.prefill_tokens:
-        per_round = measure_prefill(llm, reqs, args, tokens)
+        per_round = measure_prefill(llm, reqs, args, tokens, off_reqs)
         result["prefill"][tokens] = {"step_ms": per_round, "ratios": _ratios(per_round)}
         print(f"prefill {tokens} tokens: {_short(result['prefill'][tokens])}", flush=True)
     del llm, off_llm
@@ -303,26 +337,34 @@ def render_markdown(result: dict) -> str:
         f"engine start {meta['startup_s']:.0f} s",
         f"- calibration: {cal['describe']}; it took {cal['resolve_s']:.1f} s",
         "",
-        "Step-time ratios are geometric means of per-round paired ratios with 95% intervals; **bold** "
-        "excludes 1. Modes of one engine: `fused` (= `VLLM_FSE=1`), `split` (the unfused computation inside "
-        "the plugin's op), `auto`; `off` is a separate `VLLM_FSE=0` engine in the same process, built first.",
+        "Step-time ratios are geometric means of paired ratios with 95% intervals; **bold** excludes 1. "
+        "Decode pairs adjacent steps (one step per arm in turn, order rotating), prefill pairs rounds. Modes "
+        "of one engine: `fused` (= `VLLM_FSE=1`), `split` (the unfused computation inside the plugin's op), "
+        "`auto`, and `routed` (the routed experts only, no shared expert: not lossless; `routed/off` is the "
+        "limit of any fusing inside the op); `off` is a separate `VLLM_FSE=0` engine in the same process, "
+        "built first.",
         "",
         "## Decode steps",
         "",
-        "| batch | off ms | fused ms | split ms | auto ms | fused/split | auto/split | split/off | auto/off | fused/off |",
-        "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| batch | steps | off ms | fused ms | split ms | auto ms | routed ms | fused/off | auto/off | split/off "
+        "| routed/off | fused/split | fused/routed |",
+        "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for batch, entry in result["decode"].items():
         med = {m: statistics.median(v) for m, v in entry["step_ms"].items()}
-        off = f"{med['off']:.2f}" if "off" in med else "-"
-        cells = " | ".join(_ratio_cell(entry, k) for k in ("fused/split", "auto/split", "split/off", "auto/off", "fused/off"))
-        lines.append(f"| {batch} | {off} | {med['fused']:.2f} | {med['split']:.2f} | {med['auto']:.2f} | {cells} |")
-    lines += ["", "## Prefill steps", "", "| tokens | fused ms | split ms | auto ms | fused/split | auto/split |",
-              "|--:|--:|--:|--:|--:|--:|"]  # fmt: skip
+        ms = " | ".join(f"{med[m]:.2f}" if m in med else "-" for m in ("off", "fused", "split", "auto", FLOOR))
+        cells = " | ".join(_ratio_cell(entry, k) for k in ("fused/off", "auto/off", "split/off", "routed/off",
+                                                            "fused/split", "fused/routed"))  # fmt: skip
+        lines.append(f"| {batch} | {len(entry['step_ms']['fused'])} | {ms} | {cells} |")
+    lines += ["", "## Prefill steps", "",
+              "| tokens | off ms | fused ms | split ms | auto ms | fused/off | auto/off | split/off | fused/split | auto/split |",
+              "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]  # fmt: skip
     for tokens, entry in result["prefill"].items():
         med = {m: statistics.median(v) for m, v in entry["step_ms"].items()}
-        lines.append(f"| {tokens} | {med['fused']:.1f} | {med['split']:.1f} | {med['auto']:.1f} | "
-                     f"{_ratio_cell(entry, 'fused/split')} | {_ratio_cell(entry, 'auto/split')} |")  # fmt: skip
+        ms = " | ".join(f"{med[m]:.1f}" if m in med else "-" for m in ("off", "fused", "split", "auto"))
+        cells = " | ".join(_ratio_cell(entry, k) for k in ("fused/off", "auto/off", "split/off", "fused/split",
+                                                            "auto/split"))  # fmt: skip
+        lines.append(f"| {tokens} | {ms} | {cells} |")
     lines += ["", "## One MoE layer call (median us)", "", "| tokens | fused | split | split - fused |", "|--:|--:|--:|--:|"]
     for row in result["layer"]:
         f, s = statistics.median(row["fused_us"]), statistics.median(row["split_us"])

@@ -200,6 +200,9 @@ class SharedSlotExperts:
         self._experts: Callable | None = None
         self._mlp: Callable | None = None
         self.direct_cpu_kernels = False
+        # Per token count: the slot buffers' views a fused call writes and passes (a decode step
+        # then only copies the routed ids and weights in; views cost microseconds per layer).
+        self._fused_views: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
 
     def _op_entry(
         self,
@@ -243,11 +246,15 @@ class SharedSlotExperts:
 
     def fused(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         tokens, top_k = topk_ids.shape
-        ids, weights = self.switch.slot_buffers(self, tokens, topk_weights, topk_ids)
-        ids[:, :top_k].copy_(topk_ids)
-        weights[:, :top_k].copy_(topk_weights)
+        views = self._fused_views.get((tokens, top_k))
+        if views is None:
+            ids, weights = self.switch.slot_buffers(self, tokens, topk_weights, topk_ids)
+            views = self._fused_views[(tokens, top_k)] = (ids, weights, ids[:, :top_k], weights[:, :top_k],
+                                                          weights[:, top_k:])  # fmt: skip
+        ids, weights, routed_ids, routed_weights, shared_weights = views
+        routed_ids.copy_(topk_ids)
+        routed_weights.copy_(topk_weights)
         if self.gate is not None:
-            shared_weights = weights[:, top_k:]
             shared_weights.copy_(self.gate_weight(x).expand_as(shared_weights))
             if self.slot_weight != 1.0:
                 shared_weights.mul_(self.slot_weight)
