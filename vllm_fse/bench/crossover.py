@@ -123,10 +123,16 @@ def add_crossover_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill-rounds", type=int, default=4)
     parser.add_argument("--confirm-off", action="store_true",
                         help="also build an FSE-off engine and interleave its decode and prefill steps with the modes")
+    parser.add_argument("--off-built", choices=("first", "last"), default="last",
+                        help="build the FSE-off engine before or after the FSE engine (the engine built second "
+                             "runs up to ~1.6%% faster: 'last' biases x/off against FSE, 'first' in its favour)")
+    parser.add_argument("--off-compilation-config", type=json.loads, default=None, metavar="JSON",
+                        help="vLLM compilation config of the FSE-off engine, e.g. the Inductor option FSE sets: "
+                             "'{\"inductor_compile_config\": {\"reorder_for_peak_memory\": false}}'")
     parser.add_argument("--eager", action="store_true", help="enforce eager mode (default: vLLM's default)")
 
 
-def _build_engine(args, model: str, dtype: str | None, fse: str):
+def _build_engine(args, model: str, dtype: str | None, fse: str, compilation_config: dict | None = None):
     from vllm import LLM
 
     os.environ["VLLM_FSE"] = fse
@@ -151,6 +157,7 @@ def _build_engine(args, model: str, dtype: str | None, fse: str):
         distributed_executor_backend="uni",
         async_scheduling=False,  # a step() returns once its forward is done
         seed=0,
+        **({"compilation_config": compilation_config} if compilation_config else {}),
     )
 
 
@@ -272,12 +279,15 @@ def run(args: argparse.Namespace) -> Path:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model, dtype = resolve_model(args.model, args.preset, args.dtype)
-    # Built first when asked for: in one process the engine built first measured a few % slower
-    # (decode, batch 1), which here would flatter FSE.
-    off_llm = _build_engine(args, model, dtype, "0") if args.confirm_off else None
+    # Of two engines in one process the one built second runs its decode steps 0.4-1.6% faster
+    # (benchmarks/engine_order_aa.py): --off-built says which way that bias goes.
+    build_off = functools.partial(_build_engine, args, model, dtype, "0", args.off_compilation_config)
+    off_llm = build_off() if args.confirm_off and args.off_built == "first" else None
     started = time.perf_counter()
     llm = _build_engine(args, model, dtype, "auto")
     startup_s = time.perf_counter() - started
+    if args.confirm_off and args.off_built == "last":
+        off_llm = build_off()
     # In eager mode vLLM's CPU start-up runs no forward: the first request resolves the switch.
     llm.generate([{"prompt_token_ids": [16, 17, 18]}], use_tqdm=False)
     [calibration] = llm.apply_model(switch_state)
@@ -336,13 +346,14 @@ def render_markdown(result: dict) -> str:
         f"- dtype {meta['dtype']}, {'eager' if meta['args']['eager'] else 'compiled (vLLM default)'}; "
         f"engine start {meta['startup_s']:.0f} s",
         f"- calibration: {cal['describe']}; it took {cal['resolve_s']:.1f} s",
+        f"- FSE-off engine's compilation config: {meta['args'].get('off_compilation_config') or 'vLLM default'}",
         "",
         "Step-time ratios are geometric means of paired ratios with 95% intervals; **bold** excludes 1. "
         "Decode pairs adjacent steps (one step per arm in turn, order rotating), prefill pairs rounds. Modes "
         "of one engine: `fused` (= `VLLM_FSE=1`), `split` (the unfused computation inside the plugin's op), "
         "`auto`, and `routed` (the routed experts only, no shared expert: not lossless; `routed/off` is the "
         "limit of any fusing inside the op); `off` is a separate `VLLM_FSE=0` engine in the same process, "
-        "built first.",
+        f"built {meta['args'].get('off_built', 'first')} (of two engines, the one built second runs slightly faster).",
         "",
         "## Decode steps",
         "",
