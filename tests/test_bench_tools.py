@@ -286,3 +286,35 @@ def test_crossover_decode_schedule_pairs_adjacent_steps_and_rotates_the_leader()
     assert len(cycles) == 12
     assert all(sorted(cycle) == sorted(arms) for cycle in cycles)  # one step per arm per cycle
     assert [cycle[0] for cycle in cycles[: len(arms)]] == list(arms)  # each arm leads in turn
+
+
+def test_crossover_routed_mode_skips_the_shared_expert_and_other_modes_restore_it():
+    import torch
+
+    from vllm_fse.bench.crossover import ALWAYS, FLOOR, set_mode
+    from vllm_fse.models.shared_slot_experts import SharedSlotExperts, SwitchPoint
+
+    calls = []
+    slots = SharedSlotExperts.__new__(SharedSlotExperts)  # the op wiring needs a live runner; the modes do not
+    slots.switch = SwitchPoint.auto_switch(8, 64)
+    slots.gate = None
+    slots.slot_weight = 1.0
+    slots._experts = lambda x, w, i: calls.append(("experts", i.shape[1])) or torch.zeros_like(x)
+    slots._mlp = lambda x: calls.append(("mlp",)) or torch.ones_like(x)
+    slots._fused_views = {}
+    model = torch.nn.Module()
+    model.block = torch.nn.Module()
+    model.block.fse_shared_slots = slots
+    model.fse_switch = slots.switch
+    x, w, ids = torch.zeros(2, 4), torch.rand(2, 3), torch.zeros(2, 3, dtype=torch.int32)
+
+    set_mode(model, FLOOR)
+    assert slots.switch.fused_max_tokens == 0
+    assert slots.split(x, w, ids).sum() == 0 and calls == [("experts", 3)]  # routed experts only
+    calls.clear()
+    set_mode(model, "split")
+    assert slots.split(x, w, ids).sum() == x.numel() and calls == [("mlp",), ("experts", 3)]
+    set_mode(model, "fused")
+    assert slots.switch.fused_max_tokens == ALWAYS
+    set_mode(model, "auto")
+    assert slots.switch.fused_max_tokens == 8  # back to the calibrated switch point
