@@ -314,7 +314,9 @@ def cpu_dense_mlp(mlp: torch.nn.Module) -> Callable | None:
         ):
             return None
     gate_up_gemm, down_gemm = gate_up.cpu_linear, down.cpu_linear
-    gate_up_w, down_w = gate_up.weight, down.weight
+    # Plain tensors on the same storage: vLLM's weight parameters define __torch_function__,
+    # which outside a compiled graph sends every op on them, and on their outputs, through Python.
+    gate_up_w, down_w = (w.as_subclass(torch.Tensor) for w in (gate_up.weight, down.weight))
     inter = down.input_size_per_partition
 
     def call(x: torch.Tensor) -> torch.Tensor:
