@@ -79,7 +79,7 @@ def set_mode(model, mode: str) -> None:
             layer.split = functools.partial(_routed_only, layer)
         else:
             layer.__dict__.pop("split", None)
-    set_fused_max_tokens(model, _mode_value(FLOOR if mode == FLOOR else mode))
+    set_fused_max_tokens(model, _mode_value(mode))
 
 
 def time_moe_layer(model, sizes: list[int], reps: int) -> list[dict]:
