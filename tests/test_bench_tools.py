@@ -13,7 +13,7 @@ from vllm_fse.bench import sweep
 from vllm_fse.bench.accuracy import compare_task
 from vllm_fse.bench.arms import arm_environments, check_arm, fse_states
 from vllm_fse.bench.report import write_report
-from vllm_fse.bench.stats import paired_delta, paired_proportion_delta, t975
+from vllm_fse.bench.stats import group_ratio, paired_delta, paired_proportion_delta, t975
 from vllm_fse.bench.tasks import fse_arith
 
 pytestmark = pytest.mark.unit
@@ -63,6 +63,26 @@ def test_paired_delta_rejects_bad_samples(a, b):
 def test_t_quantiles():
     assert t975(4) == pytest.approx(2.776)
     assert t975(1000) == pytest.approx(1.96)
+
+
+def test_group_ratio_puts_the_unit_to_unit_spread_into_its_interval():
+    # Three engines per arm whose speeds differ by a few percent: a 3% shift between the arms'
+    # geometric means is not resolved, the same shift between tightly agreeing engines is.
+    loose = group_ratio([10.0, 10.4, 9.6], [10.3, 10.7, 9.9])
+    assert loose.ratio == pytest.approx(1.03, abs=1e-3)
+    assert loose.ci_low < 1 < loose.ci_high and not loose.significant
+    assert loose.spread_a_pct == pytest.approx(4.0, abs=0.1)
+    tight = group_ratio([10.0, 10.01, 9.99], [10.3, 10.31, 10.29])
+    assert tight.significant and tight.ci_low > 1.02 and tight.ci_high < 1.04
+
+
+def test_group_ratio_of_single_values_has_no_interval_and_rejects_bad_input():
+    single = group_ratio([10.0], [9.0])
+    assert single.ratio == pytest.approx(0.9) and single.ci_low is None and not single.significant
+    assert single.ci_text() == "n=1+1, no CI"
+    for a, b in (([], [1.0]), ([1.0, -1.0], [1.0])):
+        with pytest.raises(ValueError):
+            group_ratio(a, b)
 
 
 def test_paired_proportion_delta():
@@ -310,10 +330,12 @@ def test_crossover_routed_mode_skips_the_shared_expert_and_other_modes_restore_i
 
     set_mode(model, FLOOR)
     assert slots.switch.fused_max_tokens == 0
-    assert slots.split(x, w, ids).sum() == 0 and calls == [("experts", 3)]  # routed experts only
+    assert slots(x, w, ids).sum() == 0 and calls == [("experts", 3)]  # routed experts only
+    assert slots.switch.calls == {"fused": 0, "split": 0}  # not a lossless path: not counted
     calls.clear()
     set_mode(model, "split")
-    assert slots.split(x, w, ids).sum() == x.numel() and calls == [("mlp",), ("experts", 3)]
+    assert slots(x, w, ids).sum() == x.numel() and calls == [("mlp",), ("experts", 3)]
+    assert slots.switch.calls == {"fused": 0, "split": 1}
     set_mode(model, "fused")
     assert slots.switch.fused_max_tokens == ALWAYS
     set_mode(model, "auto")

@@ -4,7 +4,8 @@ parallel ranks agree, the MTP draft switches too, the measured switch point is c
 values of the plugin's variables stop the engine with a message naming them.
 
 A small forced switch point (``VLLM_FSE_FUSED_MAX_TOKENS=4``) makes prefill steps (the prompts
-are longer than 4 tokens) run split and decode steps of the 4 prompts run fused.
+are longer than 4 tokens) run split and decode steps of the 4 prompts run fused. Compiled, both
+paths are traced into the graph under ``torch.cond``; eager, they run inside the opaque op.
 """
 
 from __future__ import annotations
@@ -71,6 +72,12 @@ def test_both_paths_ran_and_every_rank_took_the_same_ones(switched):
             assert state["describe"] == "auto: fused for steps of <= 4 tokens, split above (VLLM_FSE_FUSED_MAX_TOKENS=4)"
             # Per MoE layer call during generation and scoring: decode fused, prefill split.
             assert state["calls"]["fused"] > 0 and state["calls"]["split"] > 0, (dtype, state)
+            # Compiled (TP 1): both paths traced into the graph, the choice made by the graph's
+            # path op; eager (TP 2): both paths inside the opaque op.
+            if tp == 1:
+                assert state["chosen_in"]["graph"] > 0 and state["chosen_in"]["op"] == 0, state
+            else:
+                assert state["chosen_in"]["op"] > 0 and state["chosen_in"]["graph"] == 0, state
         assert all(s["calls"] == states[0]["calls"] for s in states), states
 
 
@@ -97,8 +104,8 @@ def test_the_plan_line_states_the_switch_point_and_the_split_copy(switched):
 def test_mtp_draft_switches_too_and_decoding_stays_lossless(tiny_model, tmp_path):
     model = tiny_model("tiny-mtp", n_shared_experts=N_SHARED)
     mtp = {"speculative_config": {"method": "mtp", "num_speculative_tokens": 2}}
-    # Eager (CI time): the draft's op is opaque to the compiler either way; TP 1 above is compiled.
-    common = dict(max_tokens=24, metrics=True, disable_log_stats=False)
+    # Compiled: the draft's MoE layer traces both paths under torch.cond too.
+    common = dict(max_tokens=24, metrics=True, disable_log_stats=False, **COMPILED)
     # Speculative decoding with FSE off equals plain decoding (tests/test_mtp.py).
     off, auto = run_engines(
         [
@@ -128,6 +135,7 @@ def test_mtp_draft_switches_too_and_decoding_stays_lossless(tiny_model, tmp_path
     for state in (target, draft):
         assert state["fused_max_tokens"] == 4
         assert state["calls"]["split"] > 0, state
+        assert state["chosen_in"]["graph"] > 0 and state["chosen_in"]["op"] == 0, state
     assert draft["calls"]["fused"] > 0, draft
 
 

@@ -74,6 +74,7 @@ def describe_model(model) -> dict[str, Any]:
             "source": switch.source,
             "describe": switch.describe() if switch.resolved else None,
             "calls": dict(switch.calls),
+            "chosen_in": dict(switch.chosen_in),
             "measured": list(switch.measured),
             "resolve_s": switch.resolve_s,
         },

@@ -24,9 +24,11 @@ The list (``PATCHES``):
    factory also takes the block's ``shared_experts`` (Qwen2-MoE) or ``shared_expert_gate``
    (Qwen3-Next) and keeps the gate for the per-token slot weight.
 3. ``RoutedExperts.forward_modular`` of each widened layer (instance attribute, per layer).
-   Why: the per-step fused/split choice must run where Dynamo does not trace (token count) and
-   the shared slots must be added after vLLM's router. How: replaced by a call of the custom op
-   ``vllm_fse::shared_slot_experts`` which calls the original bound method. Goes with 2.
+   Why: the per-step fused/split choice must not be frozen by Dynamo (token count) and the
+   shared slots must be added after vLLM's router. How: replaced by a method that, while vLLM's
+   compiled CPU mode traces it, traces both paths (each calling the original bound method)
+   under ``torch.cond`` on the opaque op ``vllm_fse::shared_slot_path``; otherwise calls the
+   opaque op ``vllm_fse::shared_slot_experts``, which runs the chosen path. Goes with 2.
 4. ``vllm.model_executor.layers.fused_moe.fused_moe.get_moe_configs``: wrapped once a widened
    layer exists (:func:`resolve_widened_moe_configs`). Why: vLLM's Triton MoE looks up tuned
    kernel configs by file name ``E=<experts>,N=...``; no file exists for the widened

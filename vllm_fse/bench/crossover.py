@@ -63,22 +63,11 @@ def set_fused_max_tokens(model, value: int | None) -> int:
     return old
 
 
-def _routed_only(slots, x, topk_weights, topk_ids):
-    return slots._experts(x, topk_weights, topk_ids)
-
-
 def set_mode(model, mode: str) -> None:
-    """Run every following step as ``mode``: one of MODES, or FLOOR (split without the shared
-    expert: each MoE layer's op calls the routed experts only)."""
+    """Run every following step as ``mode``: one of MODES, or FLOOR (each MoE layer runs its
+    routed experts only; the engine must be built with the routed branch, see _build_engine)."""
     switch = _switch(model)
-    slots = getattr(switch, "bench_slots", None)
-    if slots is None:
-        slots = switch.bench_slots = [m.fse_shared_slots for m in model.modules() if hasattr(m, "fse_shared_slots")]
-    for layer in slots:
-        if mode == FLOOR:
-            layer.split = functools.partial(_routed_only, layer)
-        else:
-            layer.__dict__.pop("split", None)
+    switch.routed_only = mode == FLOOR
     set_fused_max_tokens(model, _mode_value(mode))
 
 
@@ -132,8 +121,12 @@ def add_crossover_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eager", action="store_true", help="enforce eager mode (default: vLLM's default)")
 
 
-def _build_engine(args, model: str, dtype: str | None, fse: str, compilation_config: dict | None = None):
+def _build_engine(args, model: str, dtype: str | None, fse: str, compilation_config: dict | None = None,
+                  routed_branch: bool = False):  # fmt: skip
+    """``routed_branch``: compile the routed-only benchmark path (FLOOR) into the graph."""
     from vllm import LLM
+
+    from vllm_fse.models.shared_slot_experts import BENCH_ROUTED_KEY
 
     os.environ["VLLM_FSE"] = fse
     # The engine core in this process: with vLLM's default background engine-core process a
@@ -158,6 +151,7 @@ def _build_engine(args, model: str, dtype: str | None, fse: str, compilation_con
         async_scheduling=False,  # a step() returns once its forward is done
         seed=0,
         **({"compilation_config": compilation_config} if compilation_config else {}),
+        **({"additional_config": {BENCH_ROUTED_KEY: True}} if routed_branch else {}),
     )
 
 
@@ -284,7 +278,7 @@ def run(args: argparse.Namespace) -> Path:
     build_off = functools.partial(_build_engine, args, model, dtype, "0", args.off_compilation_config)
     off_llm = build_off() if args.confirm_off and args.off_built == "first" else None
     started = time.perf_counter()
-    llm = _build_engine(args, model, dtype, "auto")
+    llm = _build_engine(args, model, dtype, "auto", routed_branch=True)
     startup_s = time.perf_counter() - started
     if args.confirm_off and args.off_built == "last":
         off_llm = build_off()

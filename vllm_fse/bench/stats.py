@@ -136,3 +136,59 @@ def paired_proportion_delta(a: Sequence[float], b: Sequence[float]) -> Proportio
         delta=statistics.fmean(diffs),
         stderr_delta=statistics.stdev(diffs) / math.sqrt(n),
     )
+
+
+@dataclass(frozen=True)
+class GroupRatio:
+    """Group B's geometric mean over group A's, one value per independent unit (an engine)."""
+
+    n_a: int
+    n_b: int
+    ratio: float
+    ci_low: float | None  # None with fewer than two values in a group: no interval
+    ci_high: float | None
+    spread_a_pct: float | None  # standard deviation of a group's log values, in percent
+    spread_b_pct: float | None
+
+    @property
+    def significant(self) -> bool:
+        return self.ci_low is not None and (self.ci_low > 1 or self.ci_high < 1)
+
+    def ci_text(self) -> str:
+        if self.ci_low is None:
+            return f"n={self.n_a}+{self.n_b}, no CI"
+        return f"[{self.ci_low:.3f}, {self.ci_high:.3f}]"
+
+
+def group_ratio(a: Sequence[float], b: Sequence[float]) -> GroupRatio:
+    """Compare two groups of independent positive values (e.g. per-engine median step times):
+    the ratio of geometric means with a Welch 95% interval on the difference of mean logs, so
+    the unit-to-unit variation (engines of the same configuration that run at different speeds)
+    is inside the interval."""
+    if not a or not b:
+        raise ValueError(f"each group needs a value, got {len(a)} and {len(b)}")
+    if min(a) <= 0 or min(b) <= 0:
+        raise ValueError(f"ratios need positive values, got a={list(a)} b={list(b)}")
+    la, lb = [math.log(x) for x in a], [math.log(x) for x in b]
+    diff = statistics.fmean(lb) - statistics.fmean(la)
+    spread_a = statistics.stdev(la) if len(la) > 1 else None
+    spread_b = statistics.stdev(lb) if len(lb) > 1 else None
+    low = high = None
+    if spread_a is not None and spread_b is not None:
+        va, vb = spread_a**2 / len(la), spread_b**2 / len(lb)
+        se = math.sqrt(va + vb)
+        if se == 0:
+            low = high = math.exp(diff)
+        else:
+            df = (va + vb) ** 2 / (va**2 / (len(la) - 1) + vb**2 / (len(lb) - 1))
+            half = t975(max(1, math.floor(df))) * se
+            low, high = math.exp(diff - half), math.exp(diff + half)
+    return GroupRatio(
+        n_a=len(a),
+        n_b=len(b),
+        ratio=math.exp(diff),
+        ci_low=low,
+        ci_high=high,
+        spread_a_pct=None if spread_a is None else 100 * spread_a,
+        spread_b_pct=None if spread_b is None else 100 * spread_b,
+    )

@@ -33,7 +33,7 @@ from vllm.model_executor.layers.fused_moe.router.router_factory import (
 from vllm_fse.compat import logger
 from vllm_fse.decision import FsePath, FsePlan, FseSwitch, compiled_on_cpu, plan_fse
 from vllm_fse.loading import SharedExpertLayout, SlotTracker, split_shared_experts
-from vllm_fse.models.shared_slot_experts import SharedSlotExperts, SwitchPoint
+from vllm_fse.models.shared_slot_experts import BENCH_ROUTED_KEY, SharedSlotExperts, SwitchPoint
 from vllm_fse.patches import (
     keep_inductor_order_of_out_variant_kernels,
     resolve_widened_moe_configs,
@@ -542,6 +542,8 @@ class FusedSharedExpertsMixin:
                 if plan.switch is FseSwitch.AUTO
                 else SwitchPoint.always_fused(max_tokens)
             )
+            extra = vllm_config.additional_config
+            switch.bench_routed_path = isinstance(extra, dict) and bool(extra.get(BENCH_ROUTED_KEY))
         dtype = vllm_config.model_config.dtype
         with moe_construction(self.fse_family, plan, switch, dtype):
             super().__init__(vllm_config=vllm_config, prefix=prefix)

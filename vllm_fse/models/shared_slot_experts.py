@@ -12,9 +12,18 @@ routed top-k only. :class:`SharedSlotExperts` takes the layer's expert call
 
 Which one is a choice on the step's token count, so it must happen where the compiler does not
 look: vLLM traces the CPU MoE forward with Dynamo (guards skipped, so a Python ``if`` on the
-token count would be frozen at trace time), and captures CUDA graphs per batch size. The choice
-therefore lives inside the custom op ``vllm_fse::shared_slot_experts``, which is opaque to
-Dynamo and runs eagerly at every step (and once per captured size under CUDA graphs).
+token count would be frozen at trace time), and captures CUDA graphs per batch size.
+
+- In vLLM's compiled CPU mode both paths are traced into the graph as vLLM traces its own MoE
+  layer, under a ``torch.cond`` whose predicate comes from the opaque op
+  ``vllm_fse::shared_slot_path`` (run eagerly at every step: it resolves the switch point at the
+  first call and counts the paths). Traced like vLLM's unfused layer, the split path costs what
+  FSE off costs; run eagerly inside an op, its dense MLP cost up to 5% more of a batch-1 step
+  (measured, ``benchmarks/results``). Under ``VLLM_FSE=1`` there is no choice: the fused path is
+  traced alone.
+- Elsewhere (eager mode, CUDA graphs) the choice and both paths live inside the opaque op
+  ``vllm_fse::shared_slot_experts``, run eagerly at every step (and once per captured size under
+  CUDA graphs).
 
 :class:`SwitchPoint` is the per-model rule: always fused (``VLLM_FSE=1``), or fused for steps of
 at most N tokens (``VLLM_FSE=auto``), N from ``VLLM_FSE_FUSED_MAX_TOKENS``, the on-disk cache, or
@@ -42,6 +51,13 @@ from vllm_fse.compat import cache_dir, logger
 from vllm_fse.hardware import cpu_description
 
 ALWAYS = sys.maxsize
+# Path codes of a step (the traced graph branches on them). ROUTED: the routed experts only, no
+# shared expert; not lossless, only ``vllm-fse bench crossover`` selects it (the limit).
+FUSED, SPLIT, ROUTED = 0, 1, 2
+PATH_NAMES = ("fused", "split", "routed")
+# vLLM's additional_config key that compiles the ROUTED branch into the graph (benchmark only;
+# additional_config is part of vLLM's compile-cache key, so such graphs are cached apart).
+BENCH_ROUTED_KEY = "vllm_fse_bench_routed_path"
 # Calibration: stop climbing the ladder once split has won this many points in a row, or once
 # this much time went into it (unmeasured sizes then run split, i.e. as unfused).
 SPLIT_WINS_TO_STOP = 2
@@ -57,8 +73,9 @@ _lib = Library("vllm_fse", "FRAGMENT")
 def _shared_slot_experts(
     hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer_name: str
 ) -> torch.Tensor:
-    runner = get_forward_context().no_compile_layers[layer_name]
-    return runner.fse_shared_slots(hidden_states, topk_weights, topk_ids)
+    slots = get_forward_context().no_compile_layers[layer_name].fse_shared_slots
+    slots.switch.chosen_in["op"] += 1
+    return slots(hidden_states, topk_weights, topk_ids)
 
 
 def _shared_slot_experts_fake(
@@ -75,6 +92,31 @@ direct_register_custom_op(
 )
 
 
+def _shared_slot_path(hidden_states: torch.Tensor, topk_ids: torch.Tensor, layer_name: str) -> torch.Tensor:
+    slots = get_forward_context().no_compile_layers[layer_name].fse_shared_slots
+    path = slots.choose_path(hidden_states, topk_ids)
+    slots.switch.chosen_in["graph"] += 1
+    if path == ROUTED and not slots.switch.bench_routed_path:
+        # The graph's unfused branch would run split instead: a wrong measurement, not a wrong token.
+        raise RuntimeError(
+            f"vllm-fse: the routed-only benchmark path needs the model compiled with "
+            f"additional_config={{{BENCH_ROUTED_KEY!r}: True}}"
+        )
+    return torch.tensor(path, dtype=torch.int64)
+
+
+def _shared_slot_path_fake(hidden_states: torch.Tensor, topk_ids: torch.Tensor, layer_name: str) -> torch.Tensor:
+    return torch.empty((), dtype=torch.int64)
+
+
+direct_register_custom_op(
+    op_name="shared_slot_path",
+    op_func=_shared_slot_path,
+    fake_impl=_shared_slot_path_fake,
+    target_lib=_lib,
+)
+
+
 # -- the per-model switch point -----------------------------------------------------------------
 
 
@@ -87,8 +129,16 @@ class SwitchPoint:
     fused_max_tokens: int | None
     source: str
     max_num_batched_tokens: int
-    # Per path, how many MoE layer calls ran it (a test's proof that both paths ran).
+    # Per path, how many MoE layer calls ran it (a test's proof that both paths ran). Steps of
+    # VLLM_FSE=1 in vLLM's compiled CPU mode have no choice to make and are not counted.
     calls: dict[str, int] = field(default_factory=lambda: {"fused": 0, "split": 0})
+    # Where the choices were made: "graph" (traced paths under torch.cond, compiled CPU mode) or
+    # "op" (both paths inside the opaque op).
+    chosen_in: dict[str, int] = field(default_factory=lambda: {"graph": 0, "op": 0})
+    # Benchmark only: every step runs the routed experts alone (``vllm-fse bench crossover``).
+    routed_only: bool = False
+    # The compiled graph holds the ROUTED branch (additional_config[BENCH_ROUTED_KEY]).
+    bench_routed_path: bool = False
     measured: list[dict] = field(default_factory=list)
     resolve_s: float = 0.0
     _announce: Callable[[], None] | None = None
@@ -110,6 +160,11 @@ class SwitchPoint:
 
     def fused_for(self, tokens: int) -> bool:
         return tokens <= self.fused_max_tokens
+
+    def path_for(self, tokens: int) -> int:
+        if self.routed_only:
+            return ROUTED
+        return FUSED if self.fused_for(tokens) else SPLIT
 
     def describe(self) -> str:
         if not self.auto:
@@ -214,7 +269,49 @@ class SharedSlotExperts:
     ) -> torch.Tensor:
         # The runner of a fused layer has no shared experts of its own.
         assert shared_experts is None
+        if torch.compiler.is_compiling() and x.device.type == "cpu":
+            return self._traced(x, topk_weights, topk_ids)
         return torch.ops.vllm_fse.shared_slot_experts(x, topk_weights, topk_ids, self.layer_name)
+
+    # -- traced into vLLM's compiled CPU graph ---------------------------------------------------
+
+    def _traced(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        if not self.switch.auto:
+            return self._fused_traced(x, topk_weights, topk_ids)
+        path = torch.ops.vllm_fse.shared_slot_path(x, topk_ids, self.layer_name)
+        unfused = self._split_or_routed_traced if self.switch.bench_routed_path else self._split_traced
+        return torch.cond(path == FUSED, self._fused_traced, unfused, (x, topk_weights, topk_ids, path))
+
+    def _fused_traced(self, x, topk_weights, topk_ids, path=None) -> torch.Tensor:
+        """The shared slots appended to each token's top-k (Inductor writes both in one kernel)."""
+        tokens = x.shape[0]
+        slot = torch.arange(self.n_shared, device=x.device)
+        if self.replicas > 1:
+            slot = (torch.arange(tokens, device=x.device) % self.replicas).unsqueeze(1) * self.n_shared + slot
+        shared_ids = (self.n_routed + slot).to(topk_ids.dtype).expand(tokens, self.n_shared)
+        if self.gate is not None:
+            shared_w = (self.gate_weight(x).to(topk_weights.dtype) * self.slot_weight).expand(tokens, self.n_shared)
+        else:
+            shared_w = topk_weights.new_full((tokens, self.n_shared), self.slot_weight)
+        ids = torch.cat([topk_ids, shared_ids], dim=1)
+        weights = torch.cat([topk_weights, shared_w], dim=1)
+        return self._forward_modular(x, weights, ids)
+
+    def _split_traced(self, x, topk_weights, topk_ids, path=None) -> torch.Tensor:
+        """As vLLM's unfused layer: the shared MLP module first, then the routed experts."""
+        shared = self.split_mlp(x)
+        if self.gate is not None:
+            shared = shared * self.gate_weight(x)
+        out = self._forward_modular(x, topk_weights, topk_ids)
+        return torch.add(out, shared, alpha=self.slot_weight)
+
+    def _routed_traced(self, x, topk_weights, topk_ids, path=None) -> torch.Tensor:
+        return self._forward_modular(x, topk_weights, topk_ids)
+
+    def _split_or_routed_traced(self, x, topk_weights, topk_ids, path) -> torch.Tensor:
+        return torch.cond(path == SPLIT, self._split_traced, self._routed_traced, (x, topk_weights, topk_ids, path))
+
+    # -- run eagerly (inside the opaque ops) ------------------------------------------------------
 
     def _bind(self, x: torch.Tensor) -> None:
         """vLLM's expert call and the split MLP's module, or on CPU the kernels underneath them:
@@ -228,16 +325,24 @@ class SharedSlotExperts:
             if experts is not None and (mlp is not None or self.split_mlp is None):
                 self._experts, self._mlp, self.direct_cpu_kernels = experts, mlp, True
 
-    def __call__(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    def choose_path(self, x: torch.Tensor, topk_ids: torch.Tensor) -> int:
+        """This step's path (FUSED, SPLIT or ROUTED), counted; resolves the switch point first."""
         if self._experts is None:
             self._bind(x)
         if not self.switch.resolved:
             resolve_switch_point(self, x, topk_ids)
-        if self.switch.fused_for(x.shape[0]):
-            self.switch.calls["fused"] += 1
+        path = self.switch.path_for(x.shape[0])
+        if path != ROUTED:
+            self.switch.calls[PATH_NAMES[path]] += 1
+        return path
+
+    def __call__(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        path = self.choose_path(x, topk_ids)
+        if path == FUSED:
             return self.fused(x, topk_weights, topk_ids)
-        self.switch.calls["split"] += 1
-        return self.split(x, topk_weights, topk_ids)
+        if path == SPLIT:
+            return self.split(x, topk_weights, topk_ids)
+        return self._experts(x, topk_weights, topk_ids)
 
     def gate_weight(self, x: torch.Tensor) -> torch.Tensor:
         """``[tokens, 1]``: the shared expert's per-token scale, as upstream's gated MLP computes

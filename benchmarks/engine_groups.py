@@ -1,0 +1,118 @@
+"""FSE on vs off across several engines per arm: how much of an ``x/off`` ratio is the engine?
+
+``vllm-fse bench crossover --confirm-off`` compares one FSE engine with one FSE-off engine. Two
+engines of the *same* configuration already differ by a few percent at decode batch 1 (see
+``engine_order_aa.py``), so one engine per arm cannot tell a 3% effect from the engine it ran
+on. This builds ``--engines-per-arm`` engines of every arm in one process (built in turn:
+arm 1, arm 2, ..., arm 1, ...), steps all of them one decode step at a time (the order rotating
+every cycle) and takes one value per engine: the median of its step times. An arm's ratio to
+the first arm is the ratio of the engines' geometric means, with a Welch 95% interval over the
+engines (:func:`vllm_fse.bench.stats.group_ratio`), so engine-to-engine spread is inside it.
+
+Arms are ``NAME=VLLM_FSE[,VAR=VALUE...]``. The default compares FSE off, every step fused, and
+every step split (the unfused computation inside FSE's MoE layer):
+
+    .venv/bin/python benchmarks/engine_groups.py --out benchmarks/results/engine-groups-cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+from pathlib import Path
+
+DEFAULT_ARMS = ["off=0", "fused=1", "split=auto,VLLM_FSE_FUSED_MAX_TOKENS=0"]
+
+
+def parse_arm(text: str) -> tuple[str, str, dict[str, str]]:
+    name, _, spec = text.partition("=")
+    fse, *extra = spec.split(",")
+    if not name or not fse:
+        raise argparse.ArgumentTypeError(f"--arms: expected NAME=VLLM_FSE[,VAR=VALUE...], got {text!r}")
+    env = {}
+    for item in extra:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"--arms: expected VAR=VALUE in {text!r}, got {item!r}")
+        env[key] = value
+    return name, fse, env
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, help="NAME=VLLM_FSE[,VAR=VALUE...]; first: baseline")
+    parser.add_argument("--engines-per-arm", type=int, default=3)
+    parser.add_argument("--decode-batch", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--steps", type=int, default=48, help="timed decode steps per engine and batch size")
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--preset", default="bench")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    arms = [parse_arm(a) for a in args.arms]
+
+    from vllm_fse.bench import crossover
+    from vllm_fse.bench.arms import resolve_model
+    from vllm_fse.bench.machine import command_line, describe_machine, machine_line
+    from vllm_fse.bench.stats import group_ratio
+
+    # Many engines share the machine's memory: a small KV cache each (the requests need little).
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    engine_args = argparse.Namespace(decode_batch=args.decode_batch, prefill_tokens=[2048], prefill_request_len=2048,
+                                     input_len=args.input_len, steps=args.steps, eager=False)  # fmt: skip
+    model, dtype = resolve_model(None, args.preset, None)
+    engines: list[tuple[str, object]] = []  # (arm name, requests of one engine), in build order
+    for _ in range(args.engines_per_arm):
+        for name, fse, env in arms:
+            saved = {k: os.environ.get(k) for k in env}
+            os.environ.update(env)
+            try:
+                engines.append((name, crossover._Requests(crossover._build_engine(engine_args, model, dtype, fse))))
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+            print(f"built engine {len(engines)}: {name}", flush=True)
+    rows = []
+    n = len(engines)
+    for batch in args.decode_batch:
+        ids = [reqs.add(batch, args.input_len, args.steps + 16) for _, reqs in engines]
+        for _, reqs in engines:
+            for _ in range(5):  # prefill and warm-up
+                reqs.engine.step()
+        times: list[list[float]] = [[] for _ in engines]
+        for cycle in range(args.steps):
+            for i in (list(range(n))[cycle % n:] + list(range(n))[: cycle % n]):
+                times[i].append(engines[i][1].timed_step() * 1e3)
+        for (_, reqs), rids in zip(engines, ids):
+            reqs.drain(rids)
+        medians = [statistics.median(t) for t in times]
+        per_arm = {name: [m for (arm, _), m in zip(engines, medians) if arm == name] for name, _, _ in arms}
+        base = arms[0][0]
+        row = {"batch": batch, "steps": args.steps, "engine_median_ms": per_arm, "ratios": {}}
+        line = [f"batch {batch}: {base} {statistics.median(per_arm[base]):.2f} ms"]
+        names = [name for name, _, _ in arms]
+        pairs = [(base, b) for b in names[1:]] + [(a, b) for i, a in enumerate(names[1:], 1) for b in names[i + 1:]]
+        for a, b in pairs:
+            g = group_ratio(per_arm[a], per_arm[b])
+            row["ratios"][f"{b}/{a}"] = {"ratio": g.ratio, "ci": None if g.ci_low is None else [g.ci_low, g.ci_high],
+                                         "significant": g.significant}  # fmt: skip
+            line.append(f"{b}/{a} {g.ratio:.3f} {g.ci_text()}")
+        spreads = {name: group_ratio(v, v).spread_a_pct for name, v in per_arm.items()}
+        row["engine_spread_pct"] = spreads
+        line.append("engine spread " + ", ".join(f"{k} {v:.1f}%" for k, v in spreads.items() if v is not None))
+        rows.append(row)
+        print("; ".join(line), flush=True)
+    machine = describe_machine()
+    print(machine_line(machine))
+    if args.out:
+        result = {"command": command_line(), "machine": machine, "model": model, "arms": args.arms,
+                  "engines_per_arm": args.engines_per_arm, "build_order": [name for name, _ in engines], "rows": rows}
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
