@@ -18,8 +18,8 @@ token count would be frozen at trace time), and captures CUDA graphs per batch s
   layer, under a ``torch.cond`` whose predicate comes from the opaque op
   ``vllm_fse::shared_slot_path`` (run eagerly at every step: it resolves the switch point at the
   first call and counts the paths). Traced like vLLM's unfused layer, the split path costs what
-  FSE off costs; run eagerly inside an op, its dense MLP cost up to 5% more of a batch-1 step
-  (measured, ``benchmarks/results``). Under ``VLLM_FSE=1`` there is no choice: the fused path is
+  FSE off costs; run eagerly inside an op, its dense MLP cost 3.6% more of a batch-1 step
+  than FSE off (measured across engines, README "Results on CPU"). Under ``VLLM_FSE=1`` there is no choice: the fused path is
   traced alone.
 - Elsewhere (eager mode, CUDA graphs) the choice and both paths live inside the opaque op
   ``vllm_fse::shared_slot_experts``, run eagerly at every step (and once per captured size under
@@ -285,10 +285,7 @@ class SharedSlotExperts:
     def _fused_traced(self, x, topk_weights, topk_ids, path=None) -> torch.Tensor:
         """The shared slots appended to each token's top-k (Inductor writes both in one kernel)."""
         tokens = x.shape[0]
-        slot = torch.arange(self.n_shared, device=x.device)
-        if self.replicas > 1:
-            slot = (torch.arange(tokens, device=x.device) % self.replicas).unsqueeze(1) * self.n_shared + slot
-        shared_ids = (self.n_routed + slot).to(topk_ids.dtype).expand(tokens, self.n_shared)
+        shared_ids = shared_slot_ids(tokens, self.n_routed, self.n_shared, self.replicas).to(topk_ids)
         if self.gate is not None:
             shared_w = (self.gate_weight(x).to(topk_weights.dtype) * self.slot_weight).expand(tokens, self.n_shared)
         else:
