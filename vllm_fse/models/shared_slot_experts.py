@@ -17,9 +17,9 @@ token count would be frozen at trace time), and captures CUDA graphs per batch s
 - In vLLM's compiled CPU mode both paths are traced into the graph as vLLM traces its own MoE
   layer, under a ``torch.cond`` whose predicate comes from the opaque op
   ``vllm_fse::shared_slot_path`` (run eagerly at every step: it resolves the switch point at the
-  first call and counts the paths). Traced like vLLM's unfused layer, the split path costs what
-  FSE off costs; run eagerly inside an op, its dense MLP cost 3.6% more of a batch-1 step
-  than FSE off (measured across engines, README "Results on CPU"). Under ``VLLM_FSE=1`` there is no choice: the fused path is
+  first call and counts the paths). Run eagerly inside an op, the split path's dense MLP cost
+  3.6% more of a batch-1 step than FSE off (measured across engines); traced, split costs about
+  what fused costs at batch 1 (README "Results on CPU"). Under ``VLLM_FSE=1`` there is no choice: the fused path is
   traced alone.
 - Elsewhere (eager mode, CUDA graphs) the choice and both paths live inside the opaque op
   ``vllm_fse::shared_slot_experts``, run eagerly at every step (and once per captured size under
