@@ -22,6 +22,7 @@ import json
 import os
 import statistics
 from pathlib import Path
+from unittest import mock
 
 DEFAULT_ARMS = ["off=0", "fused=1", "split=auto,VLLM_FSE_FUSED_MAX_TOKENS=0"]
 
@@ -65,16 +66,8 @@ def main() -> None:
     engines: list[tuple[str, object]] = []  # (arm name, requests of one engine), in build order
     for _ in range(args.engines_per_arm):
         for name, fse, env in arms:
-            saved = {k: os.environ.get(k) for k in env}
-            os.environ.update(env)
-            try:
+            with mock.patch.dict(os.environ, env):  # restored (or removed) after the build
                 engines.append((name, crossover._Requests(crossover._build_engine(engine_args, model, dtype, fse))))
-            finally:
-                for k, v in saved.items():
-                    if v is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = v
             print(f"built engine {len(engines)}: {name}", flush=True)
     rows = []
     n = len(engines)
