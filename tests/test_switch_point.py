@@ -59,12 +59,34 @@ def test_split_from_the_first_size_means_always_split(monkeypatch):
     assert measure_switch_point(_layer(), None, None)[0] == 0
 
 
-def test_an_exhausted_budget_leaves_the_unmeasured_sizes_split(monkeypatch):
-    clock = iter(range(100))
+def _clock(monkeypatch):
+    """Every ``perf_counter`` call advances one second: a size takes 1 s, so a 9.5 s budget
+    times sizes 1, 2 and 4 and stops before 8 (elapsed 10 s + 2 x 1 s)."""
+    clock = iter(range(1000))
     monkeypatch.setattr(sse.time, "perf_counter", lambda: float(next(clock)))
+
+
+def test_an_exhausted_budget_runs_the_untimed_sizes_fused_when_fused_won_the_last_two_sizes(monkeypatch):
+    _clock(monkeypatch)
+    _timings(monkeypatch, lambda t: True)
+    fused_max, rows = measure_switch_point(_layer(), None, None, budget_s=9.5)
+    assert [r["tokens"] for r in rows] == [1, 2, 4]
+    assert fused_max == 8192
+
+
+def test_an_exhausted_budget_leaves_the_untimed_sizes_split_after_a_recent_split_win(monkeypatch):
+    _clock(monkeypatch)
+    _timings(monkeypatch, lambda t: t != 2)
+    fused_max, rows = measure_switch_point(_layer(), None, None, budget_s=9.5)
+    assert [r["tokens"] for r in rows] == [1, 2, 4]
+    assert fused_max == 4  # fused won only the last size: not enough to extrapolate
+
+
+def test_an_exhausted_budget_after_one_size_leaves_the_untimed_sizes_split(monkeypatch):
+    _clock(monkeypatch)
     _timings(monkeypatch, lambda t: True)
     fused_max, rows = measure_switch_point(_layer(), None, None, budget_s=3.5)
-    assert fused_max == rows[-1]["tokens"] < 8192
+    assert fused_max == rows[-1]["tokens"] == 1
 
 
 @pytest.mark.parametrize(
