@@ -328,6 +328,9 @@ def test_crossover_routed_mode_skips_the_shared_expert_and_other_modes_restore_i
     model.fse_switch = slots.switch
     x, w, ids = torch.zeros(2, 4), torch.rand(2, 3), torch.zeros(2, 3, dtype=torch.int32)
 
+    with pytest.raises(RuntimeError, match="vllm_fse_bench_routed_path"):
+        set_mode(model, FLOOR)  # a compiled graph without the routed branch would measure split
+    slots.switch.bench_routed_path = True
     set_mode(model, FLOOR)
     assert slots.switch.fused_max_tokens == 0
     assert slots(x, w, ids).sum() == 0 and calls == [("experts", 3)]  # routed experts only

@@ -72,8 +72,8 @@ def test_both_paths_ran_and_every_rank_took_the_same_ones(switched):
             assert state["describe"] == "auto: fused for steps of <= 4 tokens, split above (VLLM_FSE_FUSED_MAX_TOKENS=4)"
             # Per MoE layer call during generation and scoring: decode fused, prefill split.
             assert state["calls"]["fused"] > 0 and state["calls"]["split"] > 0, (dtype, state)
-            # Compiled (TP 1): both paths traced into the graph, the choice made by the graph's
-            # path op; eager (TP 2): both paths inside the opaque op.
+            # Compiled (TP 1): both paths traced into the graph, chosen and counted there; eager
+            # (TP 2): both paths inside the opaque op.
             if tp == 1:
                 assert state["chosen_in"]["graph"] > 0 and state["chosen_in"]["op"] == 0, state
             else:
@@ -143,8 +143,11 @@ def test_measured_switch_point_is_cached_and_reused(tiny_model, tmp_path):
     model = tiny_model("tiny")
     cache = tmp_path / "cache"
     env = {"VLLM_FSE": "auto", "VLLM_FSE_CACHE": str(cache)}
+    # Measured by the compiled engine (before its first forward, outside the graph), read back
+    # by the eager one (at its op's first call): the key holds no execution mode.
     first, second = run_engines(
-        [engine_run(model, env=env, after_probes=("switch_state",), max_tokens=4) for _ in range(2)], tmp_path
+        [engine_run(model, env=env, after_probes=("switch_state",), max_tokens=4, **mode) for mode in (COMPILED, {})],
+        tmp_path,
     )
     for result in (first, second):
         assert "error" not in result, result["traceback"]
@@ -154,6 +157,7 @@ def test_measured_switch_point_is_cached_and_reused(tiny_model, tmp_path):
     assert cached["fused_max_tokens"] == measured["fused_max_tokens"]
     assert cached["measured"] == measured["measured"] and measured["measured"][0]["tokens"] == 1
     assert cached["resolve_s"] < 1.0
+    assert measured["chosen_in"]["graph"] > 0 and cached["chosen_in"]["op"] > 0
     assert (cache / "switch-points.json").is_file()
 
 

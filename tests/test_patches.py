@@ -36,6 +36,8 @@ def test_every_patch_target_exists_with_the_parameters_relied_on(patch):
         return
     target = _resolve(patch)
     target = getattr(target, "wrapped", target)  # our own wrapper, once installed
+    if isinstance(target, dict):  # a registry: entries are added, so it must stay a dict
+        return
     if not callable(target):  # an option: it must still exist and still be a switch
         assert isinstance(target, bool), f"{patch.module}.{patch.name} is no longer a bool option"
         return
@@ -149,3 +151,18 @@ def test_the_widened_layers_router_declines_monolithic_kernels_where_vllm_asks()
     other = Router033(top_k=2, global_num_experts=8)
     patches.route_to_modular_kernels(other)
     assert type(other) is type(router)  # one subclass per router class
+
+
+def test_the_plugins_sources_are_part_of_vllms_compile_cache_key(tmp_path):
+    import vllm.envs as envs
+
+    from vllm_fse.compat import SOURCE_HASH_FACTOR, declare_plugin_env_vars, source_hash
+
+    declare_plugin_env_vars()
+    factors = envs.compile_factors()
+    assert factors[SOURCE_HASH_FACTOR] == source_hash() and factors["VLLM_FSE"] == os.environ.get("VLLM_FSE")
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "a.py").write_text("x = 1\n")
+    before = source_hash(tmp_path)
+    (tmp_path / "pkg" / "a.py").write_text("x = 2\n")  # a plugin upgrade changing the graph
+    assert source_hash(tmp_path) != before

@@ -149,3 +149,28 @@ def test_cache_file_round_trips_and_keeps_other_keys(tmp_path):
 def test_cpu_description_names_the_vector_isa():
     text = sse.device_description(torch.device("cpu"))
     assert text.endswith("]") and "[" in text
+
+
+def test_graph_states_follow_the_switch_point_and_its_moves():
+    switch = SwitchPoint.auto_switch(None, 2048)
+    state, calls = switch.graph_tensors()
+    assert state.tolist() == [-1, 0]  # unresolved: the graph runs split (unfused), never a stale N
+    switch.fused_max_tokens = 64
+    other, _ = switch.graph_tensors()
+    assert state.tolist() == other.tolist() == [64, 0]
+    switch.routed_only = True
+    switch.fused_max_tokens = sse.ALWAYS
+    assert state.tolist() == [sse.ALWAYS, 1]
+
+
+def test_calls_add_the_graph_counters_to_the_op_choices():
+    switch = SwitchPoint.auto_switch(8, 2048)
+    _, first = switch.graph_tensors()
+    _, second = switch.graph_tensors()
+    first.add_(torch.tensor([3, 1]))
+    second.add_(torch.tensor([2, 0]))
+    switch._op_calls["split"] += 4
+    assert switch.calls == {"fused": 5, "split": 5}
+    assert switch.chosen_in == {"graph": 6, "op": 4}
+    switch.reset_calls()
+    assert switch.calls == {"fused": 0, "split": 0} and first.tolist() == [0, 0]

@@ -28,11 +28,34 @@ def cache_dir():
     return Path(os.environ.get("VLLM_FSE_CACHE") or Path.home() / ".cache" / "vllm-fse")
 
 
+# Not a variable anyone sets: a factor of vLLM's compile-cache key (vLLM hashes every entry of
+# its environment_variables). vLLM keys its AOT artifacts by config and environment, and checks
+# only the source files of the trace it loaded; after a plugin change that alters the graph it
+# recompiles, but then reused Inductor code of the old graph (measured: "too many values to
+# unpack (expected 75)" when the switch point became a graph input).
+SOURCE_HASH_FACTOR = "VLLM_FSE_SOURCE_HASH"
+
+
+def source_hash(root=None) -> str:
+    """sha256 over the plugin's Python sources (path and content, sorted by path)."""
+    import hashlib
+    from pathlib import Path
+
+    root = Path(root or Path(__file__).parent)
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 def declare_plugin_env_vars() -> None:
+    import functools
+
     import vllm.envs as envs
 
     for name in PLUGIN_ENV_VARS:
         envs.environment_variables.setdefault(name, lambda name=name: os.environ.get(name))
+    envs.environment_variables.setdefault(SOURCE_HASH_FACTOR, functools.cache(source_hash))
 
 
 def is_supported_version(version: str) -> bool:

@@ -105,8 +105,7 @@ def reset_switch_calls(model) -> dict[str, int] | None:
     if switch is None:
         return None
     before = dict(switch.calls)
-    for path in switch.calls:
-        switch.calls[path] = 0
+    switch.reset_calls()
     return before
 
 

@@ -27,8 +27,9 @@ The list (``PATCHES``):
    Why: the per-step fused/split choice must not be frozen by Dynamo (token count) and the
    shared slots must be added after vLLM's router. How: replaced by a method that, while vLLM's
    compiled CPU mode traces it, traces both paths (each calling the original bound method)
-   under ``torch.cond`` on the opaque op ``vllm_fse::shared_slot_path``; otherwise calls the
-   opaque op ``vllm_fse::shared_slot_experts``, which runs the chosen path. Goes with 2.
+   under ``torch.cond`` on ``tokens <= N``, N read from a buffer the plugin registers on the
+   runner module (``fse_switch_state``, with the counter ``fse_path_calls``); otherwise calls
+   the opaque op ``vllm_fse::shared_slot_experts``, which runs the chosen path. Goes with 2.
 4. ``vllm.model_executor.layers.fused_moe.fused_moe.get_moe_configs``: wrapped once a widened
    layer exists (:func:`resolve_widened_moe_configs`). Why: vLLM's Triton MoE looks up tuned
    kernel configs by file name ``E=<experts>,N=...``; no file exists for the widened
@@ -56,6 +57,13 @@ The list (``PATCHES``):
    ones. How: the subclass overrides the property only. Goes when vLLM appends shared slots in
    every backend's router. On 0.32, which has no such property, the plan refuses an explicitly
    monolithic ``--moe-backend`` and the factory stops with a hint if the oracle picks one.
+8. ``vllm.envs.environment_variables``: entries added at plugin load
+   (:func:`~vllm_fse.compat.declare_plugin_env_vars`). Why: the plugin's variables share the
+   ``VLLM_`` prefix (vLLM warns about, or refuses, unknown ones), and vLLM's compile-cache key
+   hashes every entry: that makes ``VLLM_FSE`` & co. part of it, and ``VLLM_FSE_SOURCE_HASH``
+   (a hash of the plugin's sources, not a variable anyone sets) makes a plugin upgrade compile
+   afresh instead of reusing Inductor code of an older graph. How: ``dict.setdefault``. Goes
+   when vLLM lets plugins declare variables and compile-cache factors.
 """
 
 from __future__ import annotations
@@ -117,6 +125,9 @@ PATCHES: tuple[Patch, ...] = tuple(
           "property override (subclass of the router's class)",
           "a monolithic kernel routes inside itself, where shared slots cannot be appended",
           "vLLM appends shared slots in every backend's router", since_vllm="0.33"),
+    Patch("vllm.envs", "environment_variables", "registry entry",
+          "the plugin's variables and source hash in vLLM's known variables and compile-cache key",
+          "vLLM lets plugins declare variables and compile-cache factors"),
 )  # fmt: skip
 
 

@@ -66,7 +66,15 @@ def set_fused_max_tokens(model, value: int | None) -> int:
 def set_mode(model, mode: str) -> None:
     """Run every following step as ``mode``: one of MODES, or FLOOR (each MoE layer runs its
     routed experts only; the engine must be built with the routed branch, see _build_engine)."""
+    from vllm_fse.models.shared_slot_experts import BENCH_ROUTED_KEY
+
     switch = _switch(model)
+    if mode == FLOOR and not switch.bench_routed_path:
+        # A compiled graph without the routed branch would run split instead: a wrong measurement.
+        raise RuntimeError(
+            f"vllm-fse: the routed-only benchmark path needs the model built with "
+            f"additional_config={{{BENCH_ROUTED_KEY!r}: True}}"
+        )
     switch.routed_only = mode == FLOOR
     set_fused_max_tokens(model, _mode_value(mode))
 
@@ -79,9 +87,7 @@ def time_moe_layer(model, sizes: list[int], reps: int) -> list[dict]:
 
     _switch(model)
     slots = next(m.fse_shared_slots for m in model.modules() if hasattr(m, "fse_shared_slots"))
-    cfg = slots.runner.moe_config
-    like_x = torch.empty(1, cfg.hidden_dim, dtype=next(slots.split_mlp.parameters()).dtype)
-    like_ids = torch.empty(1, cfg.experts_per_token - slots.n_shared, dtype=torch.int32)
+    like_x, like_ids = slots.calibration_inputs()
     rows = []
     for tokens in sizes:
         with torch.inference_mode():  # as in a forward (the slot buffers are inference tensors)

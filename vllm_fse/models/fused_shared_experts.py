@@ -571,6 +571,11 @@ class FusedSharedExpertsMixin:
                 # Under the block, so the checkpoint's shared-expert tensors load into it.
                 block.add_module(SPLIT_MLP, slots.split_mlp)
         log_plan(type(self).__name__, plan, self.fse_moe_blocks())
+        if switch is not None and switch.auto and not switch.resolved and compiled_on_cpu(vllm_config):
+            # The compiled graph reads the switch point; measure it before the first forward.
+            first = next((s for s in (getattr(b.experts, "fse_shared_slots", None) for b in blocks.values()) if s), None)
+            if first is not None:
+                self.register_forward_pre_hook(lambda module, args: first.resolve_before_forward())
         if self.fse_draft:
             check_draft_agrees_with_target(plan)
         else:

@@ -15,19 +15,20 @@ look: vLLM traces the CPU MoE forward with Dynamo (guards skipped, so a Python `
 token count would be frozen at trace time), and captures CUDA graphs per batch size.
 
 - In vLLM's compiled CPU mode both paths are traced into the graph as vLLM traces its own MoE
-  layer, under a ``torch.cond`` whose predicate comes from the opaque op
-  ``vllm_fse::shared_slot_path`` (run eagerly at every step: it resolves the switch point at the
-  first call and counts the paths). Run eagerly inside an op, the split path's dense MLP cost
-  3.6% more of a batch-1 step than FSE off (measured across engines); traced, split costs about
-  what fused costs at batch 1 (README "Results on CPU"). Under ``VLLM_FSE=1`` there is no choice: the fused path is
-  traced alone.
+  layer, under a ``torch.cond`` on ``tokens <= N``, N read every step from a buffer of the
+  layer (so the switch point can move without recompiling; the graph also counts the paths in
+  a second buffer). The switch point is resolved before the model's first forward (a forward
+  pre-hook), outside the graph. Run eagerly inside an op, the split path's dense MLP cost 3.6%
+  more of a batch-1 step than FSE off, and choosing inside an op cost another ~3% (both
+  measured across engines). Under ``VLLM_FSE=1`` there is no choice: the fused path is traced
+  alone.
 - Elsewhere (eager mode, CUDA graphs) the choice and both paths live inside the opaque op
   ``vllm_fse::shared_slot_experts``, run eagerly at every step (and once per captured size under
-  CUDA graphs).
+  CUDA graphs); it resolves the switch point at its first call.
 
 :class:`SwitchPoint` is the per-model rule: always fused (``VLLM_FSE=1``), or fused for steps of
 at most N tokens (``VLLM_FSE=auto``), N from ``VLLM_FSE_FUSED_MAX_TOKENS``, the on-disk cache, or
-a measurement on the real layer at its first call (both paths timed at a ladder of token
+a measurement on the real layer (both paths timed at a ladder of token
 counts). Tensor-parallel ranks adopt rank 0's N, so all ranks take the same path.
 """
 
@@ -51,7 +52,7 @@ from vllm_fse.compat import cache_dir, logger
 from vllm_fse.hardware import cpu_description
 
 ALWAYS = sys.maxsize
-# Path codes of a step (the traced graph branches on them). ROUTED: the routed experts only, no
+# Path codes of a step chosen in the opaque op. ROUTED: the routed experts only, no
 # shared expert; not lossless, only ``vllm-fse bench crossover`` selects it (the limit).
 FUSED, SPLIT, ROUTED = 0, 1, 2
 PATH_NAMES = ("fused", "split", "routed")
@@ -80,7 +81,6 @@ def _shared_slot_experts(
     hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer_name: str
 ) -> torch.Tensor:
     slots = get_forward_context().no_compile_layers[layer_name].fse_shared_slots
-    slots.switch.chosen_in["op"] += 1
     return slots(hidden_states, topk_weights, topk_ids)
 
 
@@ -98,31 +98,6 @@ direct_register_custom_op(
 )
 
 
-def _shared_slot_path(hidden_states: torch.Tensor, topk_ids: torch.Tensor, layer_name: str) -> torch.Tensor:
-    slots = get_forward_context().no_compile_layers[layer_name].fse_shared_slots
-    path = slots.choose_path(hidden_states, topk_ids)
-    slots.switch.chosen_in["graph"] += 1
-    if path == ROUTED and not slots.switch.bench_routed_path:
-        # The graph's unfused branch would run split instead: a wrong measurement, not a wrong token.
-        raise RuntimeError(
-            f"vllm-fse: the routed-only benchmark path needs the model compiled with "
-            f"additional_config={{{BENCH_ROUTED_KEY!r}: True}}"
-        )
-    return torch.tensor(path, dtype=torch.int64)
-
-
-def _shared_slot_path_fake(hidden_states: torch.Tensor, topk_ids: torch.Tensor, layer_name: str) -> torch.Tensor:
-    return torch.empty((), dtype=torch.int64)
-
-
-direct_register_custom_op(
-    op_name="shared_slot_path",
-    op_func=_shared_slot_path,
-    fake_impl=_shared_slot_path_fake,
-    target_lib=_lib,
-)
-
-
 # -- the per-model switch point -----------------------------------------------------------------
 
 
@@ -135,12 +110,6 @@ class SwitchPoint:
     fused_max_tokens: int | None
     source: str
     max_num_batched_tokens: int
-    # Per path, how many MoE layer calls ran it (a test's proof that both paths ran). Steps of
-    # VLLM_FSE=1 in vLLM's compiled CPU mode have no choice to make and are not counted.
-    calls: dict[str, int] = field(default_factory=lambda: {"fused": 0, "split": 0})
-    # Where the choices were made: "graph" (traced paths under torch.cond, compiled CPU mode) or
-    # "op" (both paths inside the opaque op).
-    chosen_in: dict[str, int] = field(default_factory=lambda: {"graph": 0, "op": 0})
     # Benchmark only: every step runs the routed experts alone (``vllm-fse bench crossover``).
     routed_only: bool = False
     # The compiled graph holds the ROUTED branch (additional_config[BENCH_ROUTED_KEY]).
@@ -149,6 +118,55 @@ class SwitchPoint:
     resolve_s: float = 0.0
     _announce: Callable[[], None] | None = None
     _buffers: dict = field(default_factory=dict)
+    # Per path, MoE layer calls chosen inside the opaque op (eager mode, CUDA graphs).
+    _op_calls: dict[str, int] = field(default_factory=lambda: {"fused": 0, "split": 0})
+    # Per MoE layer of vLLM's compiled CPU graph: its ``[fused_max_tokens, routed_only]`` (the
+    # graph reads it every step) and its ``[fused, split]`` call counter (the graph adds to it).
+    _graph_states: list[torch.Tensor] = field(default_factory=list)
+    _graph_calls: list[torch.Tensor] = field(default_factory=list)
+
+    def __setattr__(self, name: str, value) -> None:
+        object.__setattr__(self, name, value)
+        if name in ("fused_max_tokens", "routed_only") and "_graph_states" in self.__dict__:
+            self._write_graph_states()
+
+    def _write_graph_states(self) -> None:
+        # Unresolved: -1, every graph step split (vLLM's unfused computation).
+        n = -1 if self.fused_max_tokens is None else min(self.fused_max_tokens, ALWAYS)
+        for state in self._graph_states:
+            state.copy_(torch.tensor([n, int(self.routed_only)], dtype=torch.int64))
+
+    def graph_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A new MoE layer's state and counter tensors (its module registers them as buffers,
+        so the compiled graph reads and updates the live tensors)."""
+        state, calls = torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int64)
+        self._graph_states.append(state)
+        self._graph_calls.append(calls)
+        self._write_graph_states()
+        return state, calls
+
+    @property
+    def calls(self) -> dict[str, int]:
+        """Per path, how many MoE layer calls ran it (a test's proof that both paths ran). Steps
+        of ``VLLM_FSE=1`` in vLLM's compiled CPU mode have no choice to make and are not counted;
+        nor are the benchmark's routed-only steps."""
+        graph = self.chosen_in_graph()
+        return {path: self._op_calls[path] + graph[i] for i, path in enumerate(PATH_NAMES[:2])}
+
+    def chosen_in_graph(self) -> list[int]:
+        return [sum(int(c[i]) for c in self._graph_calls) for i in range(2)]
+
+    @property
+    def chosen_in(self) -> dict[str, int]:
+        """Where the choices were made: "graph" (under ``torch.cond`` in vLLM's compiled CPU graph)
+        or "op" (inside the opaque op)."""
+        return {"graph": sum(self.chosen_in_graph()), "op": sum(self._op_calls.values())}
+
+    def reset_calls(self) -> None:
+        for path in self._op_calls:
+            self._op_calls[path] = 0
+        for calls in self._graph_calls:
+            calls.zero_()
 
     @classmethod
     def always_fused(cls, max_num_batched_tokens: int) -> SwitchPoint:
@@ -257,6 +275,12 @@ class SharedSlotExperts:
         self._forward_modular = routed.forward_modular  # vLLM's, bound to this layer
         routed.forward_modular = self._op_entry
         runner.fse_shared_slots = self
+        if switch.auto:
+            # Buffers of the runner module: vLLM's compiled graph takes them as inputs (the live
+            # tensors every step), so the switch point can move without recompiling.
+            state, calls = switch.graph_tensors()
+            runner.register_buffer("fse_switch_state", state, persistent=False)
+            runner.register_buffer("fse_path_calls", calls, persistent=False)
         # What the paths call, bound at the first call (after vLLM prepacked the weights).
         self._experts: Callable | None = None
         self._mlp: Callable | None = None
@@ -284,11 +308,19 @@ class SharedSlotExperts:
     def _traced(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         if not self.switch.auto:
             return self._fused_traced(x, topk_weights, topk_ids)
-        path = torch.ops.vllm_fse.shared_slot_path(x, topk_ids, self.layer_name)
-        unfused = self._split_or_routed_traced if self.switch.bench_routed_path else self._split_traced
-        return torch.cond(path == FUSED, self._fused_traced, unfused, (x, topk_weights, topk_ids, path))
+        # The step's path from its token count and the live switch point (a few scalar ops in
+        # the graph; an opaque op here cost ~3% of a batch-1 step, measured across engines).
+        state = self.runner.fse_switch_state
+        fused = x.shape[0] <= state[0]
+        if not self.switch.bench_routed_path:
+            self.runner.fse_path_calls.add_(torch.stack([fused, ~fused]))
+            return torch.cond(fused, self._fused_traced, self._split_traced, (x, topk_weights, topk_ids))
+        lossless = state[1] == 0
+        self.runner.fse_path_calls.add_(torch.stack([fused & lossless, ~fused & lossless]))
+        return torch.cond(fused & lossless, self._fused_traced, self._split_or_routed_traced,
+                          (x, topk_weights, topk_ids, lossless))  # fmt: skip
 
-    def _fused_traced(self, x, topk_weights, topk_ids, path=None) -> torch.Tensor:
+    def _fused_traced(self, x, topk_weights, topk_ids, lossless=None) -> torch.Tensor:
         """The shared slots appended to each token's top-k (Inductor writes both in one kernel)."""
         tokens = x.shape[0]
         shared_ids = shared_slot_ids(tokens, self.n_routed, self.n_shared, self.replicas).to(topk_ids)
@@ -300,7 +332,7 @@ class SharedSlotExperts:
         weights = torch.cat([topk_weights, shared_w], dim=1)
         return self._forward_modular(x, weights, ids)
 
-    def _split_traced(self, x, topk_weights, topk_ids, path=None) -> torch.Tensor:
+    def _split_traced(self, x, topk_weights, topk_ids, lossless=None) -> torch.Tensor:
         """As vLLM's unfused layer: the shared MLP module first, then the routed experts."""
         shared = self.split_mlp(x)
         if self.gate is not None:
@@ -308,11 +340,11 @@ class SharedSlotExperts:
         out = self._forward_modular(x, topk_weights, topk_ids)
         return torch.add(out, shared, alpha=self.slot_weight)
 
-    def _routed_traced(self, x, topk_weights, topk_ids, path=None) -> torch.Tensor:
+    def _routed_traced(self, x, topk_weights, topk_ids) -> torch.Tensor:
         return self._forward_modular(x, topk_weights, topk_ids)
 
-    def _split_or_routed_traced(self, x, topk_weights, topk_ids, path) -> torch.Tensor:
-        return torch.cond(path == SPLIT, self._split_traced, self._routed_traced, (x, topk_weights, topk_ids, path))
+    def _split_or_routed_traced(self, x, topk_weights, topk_ids, lossless) -> torch.Tensor:
+        return torch.cond(lossless, self._split_traced, self._routed_traced, (x, topk_weights, topk_ids))
 
     # -- run eagerly (inside the opaque ops) ------------------------------------------------------
 
@@ -328,6 +360,25 @@ class SharedSlotExperts:
             if experts is not None and (mlp is not None or self.split_mlp is None):
                 self._experts, self._mlp, self.direct_cpu_kernels = experts, mlp, True
 
+    def calibration_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states and top-k ids shaped, typed and placed as the layer's calls are."""
+        cfg = self.runner.moe_config
+        device = self.runner.routed_experts.w13_weight.device
+        like_x = torch.empty(1, cfg.hidden_dim, dtype=cfg.in_dtype, device=device)
+        like_ids = torch.empty(1, cfg.experts_per_token - self.n_shared, dtype=torch.int32, device=device)
+        return like_x, like_ids
+
+    def resolve_before_forward(self) -> None:
+        """Resolve the switch point outside the compiled graph (vLLM's compiled CPU mode: the
+        model's first forward, after its weights were loaded and prepacked)."""
+        if self.switch.resolved:
+            return
+        x, ids = self.calibration_inputs()
+        with torch.inference_mode():  # as in a forward (the slot buffers are inference tensors)
+            if self._experts is None:
+                self._bind(x)
+            resolve_switch_point(self, x, ids)
+
     def choose_path(self, x: torch.Tensor, topk_ids: torch.Tensor) -> int:
         """This step's path (FUSED, SPLIT or ROUTED), counted; resolves the switch point first."""
         if self._experts is None:
@@ -336,7 +387,7 @@ class SharedSlotExperts:
             resolve_switch_point(self, x, topk_ids)
         path = self.switch.path_for(x.shape[0])
         if path != ROUTED:
-            self.switch.calls[PATH_NAMES[path]] += 1
+            self.switch._op_calls[PATH_NAMES[path]] += 1
         return path
 
     def __call__(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
