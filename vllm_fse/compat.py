@@ -30,9 +30,9 @@ def cache_dir():
 
 # Not a variable anyone sets: a factor of vLLM's compile-cache key (vLLM hashes every entry of
 # its environment_variables). vLLM keys its AOT artifacts by config and environment, and checks
-# only the source files of the trace it loaded; after a plugin change that alters the graph it
-# recompiles, but then reused Inductor code of the old graph (measured: "too many values to
-# unpack (expected 75)" when the switch point became a graph input).
+# the source files of the trace it loaded; after a plugin change that added graph inputs it
+# recompiled, then ran code built for the old graph's inputs ("too many values to unpack
+# (expected 75)"). With the plugin's sources in the key, a changed plugin compiles afresh.
 SOURCE_HASH_FACTOR = "VLLM_FSE_SOURCE_HASH"
 
 
