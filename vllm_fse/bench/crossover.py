@@ -350,7 +350,7 @@ def render_markdown(result: dict) -> str:
         "",
         "Step-time ratios are geometric means of paired ratios with 95% intervals; **bold** excludes 1. "
         "Decode pairs adjacent steps (one step per arm in turn, order rotating), prefill pairs rounds. Modes "
-        "of one engine: `fused` (= `VLLM_FSE=1`), `split` (the unfused computation inside the plugin's op), "
+        "of one engine: `fused` (= `VLLM_FSE=1`), `split` (vLLM's unfused computation, in the plugin's MoE layer), "
         "`auto`, and `routed` (the routed experts only, no shared expert: not lossless; `routed/off` is the "
         "limit of any fusing inside the op); `off` is a separate `VLLM_FSE=0` engine in the same process, "
         f"built {meta['args'].get('off_built', 'first')} (of two engines, the one built second runs slightly faster).",
