@@ -575,7 +575,12 @@ class FusedSharedExpertsMixin:
             # The compiled graph reads the switch point; measure it before the first forward.
             first = next((s for s in (getattr(b.experts, "fse_shared_slots", None) for b in blocks.values()) if s), None)
             if first is not None:
-                self.register_forward_pre_hook(lambda module, args: first.resolve_before_forward())
+
+                def resolve_once(module, args) -> None:
+                    first.resolve_before_forward()
+                    hook.remove()  # off the per-step path once resolved
+
+                hook = self.register_forward_pre_hook(resolve_once)
         if self.fse_draft:
             check_draft_agrees_with_target(plan)
         else:

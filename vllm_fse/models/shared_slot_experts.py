@@ -373,18 +373,19 @@ class SharedSlotExperts:
         model's first forward, after its weights were loaded and prepacked)."""
         if self.switch.resolved:
             return
-        x, ids = self.calibration_inputs()
         with torch.inference_mode():  # as in a forward (the slot buffers are inference tensors)
-            if self._experts is None:
-                self._bind(x)
-            resolve_switch_point(self, x, ids)
+            self._prepare(*self.calibration_inputs())
 
-    def choose_path(self, x: torch.Tensor, topk_ids: torch.Tensor) -> int:
-        """This step's path (FUSED, SPLIT or ROUTED), counted; resolves the switch point first."""
+    def _prepare(self, x: torch.Tensor, topk_ids: torch.Tensor) -> None:
+        """Bind the kernels and resolve the switch point, each once."""
         if self._experts is None:
             self._bind(x)
         if not self.switch.resolved:
             resolve_switch_point(self, x, topk_ids)
+
+    def choose_path(self, x: torch.Tensor, topk_ids: torch.Tensor) -> int:
+        """This step's path (FUSED, SPLIT or ROUTED), counted; resolves the switch point first."""
+        self._prepare(x, topk_ids)
         path = self.switch.path_for(x.shape[0])
         if path != ROUTED:
             self.switch._op_calls[PATH_NAMES[path]] += 1
