@@ -230,10 +230,12 @@ MTP_CLASSES = {
     "deepseek_mtp": "vllm_fse.models.deepseek_v2:FseDeepSeekMTP",
     "glm4lite_mtp": "vllm_fse.models.glm4_moe_lite:FseGlm4MoeLiteMTP",
 }
-# One draft compiled (vLLM's default), one eager. Compiled, every engine of the case runs with
-# Inductor's peak-memory reordering off, as FSE on does (vllm_fse.patches, entry 6): measured, the
-# unfused DeepSeek MTP run is itself hit by that reorder (its acceptance counts change from run to
-# run, 53 or 54 of 146-148 draft tokens; with the option off, 53 of 146 every time, FSE on or off).
+# One draft compiled (vLLM's default), one eager. The compiled DeepSeek pair is also this module's
+# test of the target model in vLLM's compiled mode (CI time: one compiled pair, not two), so it is
+# scored too. FSE on gets Inductor's peak-memory reordering turned off by the plugin (vllm_fse.patches,
+# entry 6); the FSE-off reference sets it off itself: measured, the unfused DeepSeek MTP run is hit by
+# that reorder too (its acceptance counts change from run to run, 53 or 54 of 146-148 draft tokens;
+# with the option off, 53 of 146 every time, FSE on or off).
 MTP_EAGER = {"deepseek_mtp": False, "glm4lite_mtp": True}
 COMPILED_REFERENCE = {"compilation_config": {"custom_ops": ["all", "-rotary_embedding"],
                                              "inductor_compile_config": {"reorder_for_peak_memory": False}}}  # fmt: skip
@@ -247,10 +249,13 @@ def mtp_runs(tiny_model, tmp_path_factory):
     for name, preset in MTP_PRESETS.items():
         model = tiny_model(preset, n_shared_experts=2)
         eager = {"enforce_eager": MTP_EAGER[name]}
-        compilation = MLA_ROTARY_WORKAROUND if MTP_EAGER[name] else COMPILED_REFERENCE
         if MTP_EAGER[name]:  # plain decoding, compared below (compiled DeepSeek: FSE on vs off only, CI time)
-            runs[(name, "plain")] = engine_run(model, env={"VLLM_FSE": "0"}, max_tokens=MTP_TOKENS, **eager, **compilation)
+            runs[(name, "plain")] = engine_run(
+                model, env={"VLLM_FSE": "0"}, max_tokens=MTP_TOKENS, **eager, **MLA_ROTARY_WORKAROUND
+            )
+        compiled = {} if MTP_EAGER[name] else {"probes": ("describe_model",), "score_texts": SCORE_TEXTS}
         for fse in ("0", "1"):
+            reference = not MTP_EAGER[name] and fse == "0"
             runs[(name, fse)] = engine_run(
                 model,
                 env={"VLLM_FSE": fse},
@@ -260,7 +265,8 @@ def mtp_runs(tiny_model, tmp_path_factory):
                 worker_probes=("describe_drafter",) + (("drafter_slot_weights",) if fse == "1" else ()),
                 **MTP2,
                 **eager,
-                **compilation,
+                **compiled,
+                **(COMPILED_REFERENCE if reference else MLA_ROTARY_WORKAROUND),
             )
     return run_keyed_engines(runs, tmp_path_factory.mktemp("families-mtp"))
 
@@ -326,31 +332,18 @@ def test_missing_or_unsplittable_deepseek_shared_experts_are_refused_by_name(tin
     assert "layer 1 slot 8 down_proj.weight" in error and "layer 1 slot 9 down_proj.weight" in error
 
 
-# V3 (sigmoid + bias + grouped top-k) is the case that failed before; the compiled DeepSeek MTP
-# run above covers the draft (V2's softmax router is the same graph pattern: CI time).
-COMPILED_CASES = [("v3-shared1-rsf2.5-qlora", "float32")]
-
-
-@pytest.fixture(scope="module")
-def compiled_runs(tiny_model, tmp_path_factory):
-    runs = {
-        (name, dtype, fse): engine_run(_model(tiny_model, name), env={"VLLM_FSE": fse}, dtype=dtype, enforce_eager=False,
-                                       probes=("describe_model",), score_texts=SCORE_TEXTS, **MLA_ROTARY_WORKAROUND)
-        for (name, dtype), fse in itertools.product(COMPILED_CASES, ("0", "1"))
-    }  # fmt: skip
-    return run_keyed_engines(runs, tmp_path_factory.mktemp("families-compiled"))
-
-
-@pytest.mark.parametrize("case", COMPILED_CASES, ids=["-".join(c) for c in COMPILED_CASES])
-def test_deepseek_fse_on_matches_off_in_vllms_compiled_cpu_mode(compiled_runs, case):
+def test_deepseek_fse_on_matches_off_in_vllms_compiled_cpu_mode(mtp_runs):
     """vLLM's default CPU mode compiles the router into the graph. Before the plugin turned off
     Inductor's peak-memory reordering there (vllm_fse.patches, entry 6), the router of the widened
-    DeepSeek layer read its logits before the GEMM that writes them: other greedy tokens."""
-    off, on = compiled_runs[(*case, "0")], compiled_runs[(*case, "1")]
+    DeepSeek-V3 layer (sigmoid + bias + grouped top-k) read its logits before the GEMM that writes
+    them: other greedy tokens. The compiled MTP pair (float32) carries this test: greedy tokens and
+    top-5 logprobs of the speculatively decoded outputs, and the teacher-forced scores."""
+    off, on = mtp_runs[("deepseek_mtp", "0")], mtp_runs[("deepseek_mtp", "1")]
     (described,) = on["describe_model"]
     assert described["fse_path"] == "BACKEND_NEUTRAL", described["fse_reason"]
-    assert described["inductor_reorder_for_peak_memory"] is False
-    (described_off,) = off["describe_model"]
-    assert described_off["inductor_reorder_for_peak_memory"] is None  # FSE off leaves vLLM's options alone
-    compare_outputs(off["outputs"], on["outputs"], case[1])
-    compare_scores(off["scores"], on["scores"], case[1])
+    assert described["compilation_backend"] == "inductor"
+    assert described["inductor_reorder_for_peak_memory"] is False  # set by the plugin, not by the test
+    for output in off["outputs"] + on["outputs"]:
+        assert len(output["logprobs"]) == len(output["token_ids"]) == MTP_TOKENS
+    compare_outputs(off["outputs"], on["outputs"], "float32")
+    compare_scores(off["scores"], on["scores"], "float32")

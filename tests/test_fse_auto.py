@@ -6,12 +6,14 @@ values of the plugin's variables stop the engine with a message naming them.
 A small forced switch point (``VLLM_FSE_FUSED_MAX_TOKENS=4``) makes prefill steps (the prompts
 are longer than 4 tokens) run split and decode steps of the 4 prompts run fused. Compiled, both
 paths are traced into the graph under ``torch.cond``; eager, they run inside the opaque op.
+TP 1 compiles with Inductor, as vLLM does by default; the MTP draft and the cache test run the same
+Dynamo graph on the eager backend (CI time: what they protect is traced, not generated code).
 """
 
 from __future__ import annotations
 
 import pytest
-from conftest import DEFAULT_PROMPTS, SCORE_TEXTS, engine_run, run_engines
+from conftest import DEFAULT_PROMPTS, DYNAMO_EAGER_BACKEND, SCORE_TEXTS, engine_run, run_engines
 from equivalence import compare_outputs, compare_scores
 
 from vllm_fse.tiny_model import PRESETS
@@ -29,7 +31,7 @@ def _switch_runs(model, dtype: str, tp: int) -> list[dict]:
     # path does not depend on the mode, and TP 1 covers the compiled mode.
     common = dict(dtype=dtype, score_texts=SCORE_TEXTS, tensor_parallel_size=tp, **(COMPILED if tp == 1 else {}))
     return [
-        engine_run(model, env={"VLLM_FSE": "0"}, **common),
+        engine_run(model, env={"VLLM_FSE": "0"}, probes=("describe_model",), **common),
         engine_run(
             model,
             env=SWITCH,
@@ -82,15 +84,25 @@ def test_both_paths_ran_and_every_rank_took_the_same_ones(switched):
 
 
 def test_auto_model_holds_the_fused_layer_and_a_split_mlp(switched):
-    _, by_dtype = switched
+    tp, by_dtype = switched
     tiny = PRESETS["tiny"]
     for _, auto in by_dtype.values():
         for rank in auto["describe_model"]:
             assert rank["fse_path"] == "BACKEND_NEUTRAL"
+            assert rank["compilation_backend"] == ("inductor" if tp == 1 else None)  # vLLM's default mode at TP 1
+            if tp == 1:  # FSE in vLLM's compiled CPU mode: vllm_fse.patches, entry 6
+                assert rank["inductor_reorder_for_peak_memory"] is False
             for layer in rank["moe_layers"]:
                 assert layer["has_shared_experts_mlp"] is False and layer["has_split_mlp"] is True
                 assert layer["w13_shape"][0] == tiny.n_routed_experts + N_SHARED
                 assert layer["shared_slot_weight"] == pytest.approx(1 / 2.5)
+
+
+def test_fse_off_leaves_vllms_compile_options_alone(switched):
+    _, by_dtype = switched
+    for off, _ in by_dtype.values():
+        for rank in off["describe_model"]:
+            assert rank["fse_path"] == "OFF" and rank["inductor_reorder_for_peak_memory"] is None
 
 
 def test_the_plan_line_states_the_switch_point_and_the_split_copy(switched):
@@ -104,18 +116,19 @@ def test_the_plan_line_states_the_switch_point_and_the_split_copy(switched):
 def test_mtp_draft_switches_too_and_decoding_stays_lossless(tiny_model, tmp_path):
     model = tiny_model("tiny-mtp", n_shared_experts=N_SHARED)
     mtp = {"speculative_config": {"method": "mtp", "num_speculative_tokens": 2}}
-    # Compiled: the draft's MoE layer traces both paths under torch.cond too.
+    # Traced: the draft's MoE layer has both paths under torch.cond too (Dynamo's graph on the eager
+    # backend: CI time; TP 1 above runs Inductor's code of the same construct).
     common = dict(max_tokens=24, metrics=True, disable_log_stats=False, **COMPILED)
     # Speculative decoding with FSE off equals plain decoding (tests/test_mtp.py).
     off, auto = run_engines(
         [
-            engine_run(model, env={"VLLM_FSE": "0"}, **common, **mtp),
+            engine_run(model, env={"VLLM_FSE": "0", **DYNAMO_EAGER_BACKEND}, **common, **mtp),
             engine_run(
                 model,
-                env=SWITCH,
+                env={**SWITCH, **DYNAMO_EAGER_BACKEND},
                 worker_probes=("reset_drafter_switch_calls",),
                 after_worker_probes=("drafter_switch_state",),
-                probes=("reset_switch_calls",),
+                probes=("describe_model", "reset_switch_calls"),
                 after_probes=("switch_state",),
                 **common,
                 **mtp,
@@ -128,6 +141,7 @@ def test_mtp_draft_switches_too_and_decoding_stays_lossless(tiny_model, tmp_path
     assert [o["token_ids"] for o in auto["outputs"]] == [o["token_ids"] for o in off["outputs"]]
     accepted = "vllm:spec_decode_num_accepted_tokens"
     assert auto["metrics"][accepted] == off["metrics"][accepted] > 0
+    assert auto["describe_model"][0]["compilation_backend"] == "eager"  # VLLM_CPU_CI_ENV still means this
     (target,) = auto["after:switch_state"]
     (draft,) = auto["after:drafter_switch_state"]
     # Target: verify steps carry 4 x 3 tokens (split); draft: 4-token proposal steps (fused),
@@ -143,10 +157,14 @@ def test_measured_switch_point_is_cached_and_reused(tiny_model, tmp_path):
     model = tiny_model("tiny")
     cache = tmp_path / "cache"
     env = {"VLLM_FSE": "auto", "VLLM_FSE_CACHE": str(cache)}
-    # Measured by the compiled engine (before its first forward, outside the graph), read back
-    # by the eager one (at its op's first call): the key holds no execution mode.
+    # Measured by the traced engine (by the pre-hook before its first forward, outside the graph;
+    # eager backend: CI time), read back by the eager one (at its op's first call): the key holds no
+    # execution mode.
     first, second = run_engines(
-        [engine_run(model, env=env, after_probes=("switch_state",), max_tokens=4, **mode) for mode in (COMPILED, {})],
+        [
+            engine_run(model, env={**env, **DYNAMO_EAGER_BACKEND}, after_probes=("switch_state",), max_tokens=4, **COMPILED),
+            engine_run(model, env=env, after_probes=("switch_state",), max_tokens=4),
+        ],
         tmp_path,
     )
     for result in (first, second):

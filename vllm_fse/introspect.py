@@ -60,14 +60,18 @@ def describe_model(model) -> dict[str, Any]:
         )
     switch = getattr(model, "fse_switch", None)
     # The Inductor options of the compiled decoder stack (None in eager mode).
-    compilation = getattr(getattr(model, "model", None), "compilation_config", None)
+    decoder = getattr(model, "model", None)
+    compilation = getattr(decoder, "compilation_config", None)
     inductor = compilation.inductor_compile_config if compilation is not None else {}
+    traced = getattr(decoder, "do_not_compile", True) is False
     return {
         "class": model_class(model),
         "fse_path": plan.path.name if plan is not None else None,
         "fse_reason": plan.reason if plan is not None else None,
         "moe_layers": layers,
         "inductor_reorder_for_peak_memory": inductor.get("reorder_for_peak_memory"),
+        # What runs the traced graph: "inductor", or "eager" under VLLM_CPU_CI_ENV; None when not traced.
+        "compilation_backend": compilation.backend if traced else None,
         "switch": None if switch is None else {
             "auto": switch.auto,
             "fused_max_tokens": switch.fused_max_tokens,

@@ -257,7 +257,6 @@ def split_shared_experts(
         if split is None:
             _check_weight(name, proj, tensor, layout)
             split_dim = 1 if proj == "down_proj" else 0
-            inter = layout.moe_intermediate_size
             chunks = _weight_chunks(tensor, split_dim, layout)
         else:
             chunks = _scale_chunks(name, proj, suffix, split, tensor, layout)
