@@ -153,17 +153,18 @@ def test_mtp_draft_switches_too_and_decoding_stays_lossless(tiny_model, tmp_path
     assert draft["calls"]["fused"] > 0, draft
 
 
-def test_measured_switch_point_is_cached_and_reused(tiny_model, tmp_path):
-    model = tiny_model("tiny")
+def test_measured_switch_point_is_cached_and_reused_by_model_and_draft(tiny_model, tmp_path):
+    model = tiny_model("tiny-mtp")
     cache = tmp_path / "cache"
     env = {"VLLM_FSE": "auto", "VLLM_FSE_CACHE": str(cache)}
-    # Measured by the traced engine (by the pre-hook before its first forward, outside the graph;
-    # eager backend: CI time), read back by the eager one (at its op's first call): the key holds no
-    # execution mode.
+    probes = dict(after_probes=("switch_state",), after_worker_probes=("drafter_switch_state",), max_tokens=4,
+                  speculative_config={"method": "mtp", "num_speculative_tokens": 2})  # fmt: skip
+    # Measured by the traced engine (before its first forward, outside the graph; eager backend: CI
+    # time), read back by the eager one (at its op's first call): the key holds no execution mode.
     first, second = run_engines(
         [
-            engine_run(model, env={**env, **DYNAMO_EAGER_BACKEND}, after_probes=("switch_state",), max_tokens=4, **COMPILED),
-            engine_run(model, env=env, after_probes=("switch_state",), max_tokens=4),
+            engine_run(model, env={**env, **DYNAMO_EAGER_BACKEND}, **probes, **COMPILED),
+            engine_run(model, env=env, **probes),
         ],
         tmp_path,
     )
@@ -177,6 +178,13 @@ def test_measured_switch_point_is_cached_and_reused(tiny_model, tmp_path):
     assert cached["resolve_s"] < 1.0
     assert measured["chosen_in"]["graph"] > 0 and cached["chosen_in"]["op"] > 0
     assert (cache / "switch-points.json").is_file()
+    # The drafts resolve too. The traced draft's class is compiled as a whole (support_torch_compile
+    # on the model class, whose __call__ then skips nn.Module hooks): unresolved, it ran split on
+    # every step while the target ran fused.
+    (traced_draft,), (eager_draft,) = first["after:drafter_switch_state"], second["after:drafter_switch_state"]
+    for draft, ran_in in ((traced_draft, "graph"), (eager_draft, "op")):
+        assert draft["fused_max_tokens"] is not None and draft["source"], draft
+        assert draft["chosen_in"][ran_in] > 0, draft
 
 
 BAD_VALUES = [

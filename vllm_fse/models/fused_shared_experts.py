@@ -571,20 +571,26 @@ class FusedSharedExpertsMixin:
                 # Under the block, so the checkpoint's shared-expert tensors load into it.
                 block.add_module(SPLIT_MLP, slots.split_mlp)
         log_plan(type(self).__name__, plan, self.fse_moe_blocks())
+        # The compiled graph reads the switch point: __call__ measures it before the first forward.
+        self.fse_resolve_before_forward = None
         if switch is not None and switch.auto and not switch.resolved and compiled_on_cpu(vllm_config):
-            # The compiled graph reads the switch point; measure it before the first forward.
-            first = next((s for s in (getattr(b.experts, "fse_shared_slots", None) for b in blocks.values()) if s), None)
-            if first is not None:
-
-                def resolve_once(module, args) -> None:
-                    first.resolve_before_forward()
-                    hook.remove()  # off the per-step path once resolved
-
-                hook = self.register_forward_pre_hook(resolve_once)
+            self.fse_resolve_before_forward = next(
+                (s for s in (getattr(b.experts, "fse_shared_slots", None) for b in blocks.values()) if s), None
+            )
         if self.fse_draft:
             check_draft_agrees_with_target(plan)
         else:
             record_target_plan(plan)
+
+    def __call__(self, *args, **kwargs):
+        # Not a forward pre-hook: a model class compiled as a whole (support_torch_compile on the
+        # MTP drafts) replaces nn.Module.__call__ by one that runs the compiled code and skips
+        # hooks. This __call__ precedes it (the mixin comes first), outside the graph.
+        slots = self.fse_resolve_before_forward
+        if slots is not None:
+            self.fse_resolve_before_forward = None
+            slots.resolve_before_forward()
+        return super().__call__(*args, **kwargs)
 
     def fse_decoder_layers(self) -> torch.nn.Module:
         """The model's ``layers`` container (a multimodal wrapper overrides where it sits)."""

@@ -14,8 +14,13 @@ from vllm_fse.models.glm4_moe import GLM4_MOE
 
 
 # Compiled like vLLM's DeepSeekMTP (the seed PR's second commit), so the draft gets the same
-# Inductor fusions as the target model.
+# Inductor fusions as the target model. The decorator sits on a base class, as upstream's sits on
+# DeepSeekMTP: it replaces its class's __call__, and the mixin's __call__ has to come first.
 @support_torch_compile
-class FseGlm4MoeMTP(FusedSharedExpertsMixin, UpstreamGlm4MoeMTP):
+class CompiledGlm4MoeMTP(UpstreamGlm4MoeMTP):
+    pass
+
+
+class FseGlm4MoeMTP(FusedSharedExpertsMixin, CompiledGlm4MoeMTP):
     fse_family = GLM4_MOE
     fse_draft = True

@@ -17,8 +17,9 @@ token count would be frozen at trace time), and captures CUDA graphs per batch s
 - In vLLM's compiled CPU mode both paths are traced into the graph as vLLM traces its own MoE
   layer, under a ``torch.cond`` on ``tokens <= N``, N read every step from a buffer of the
   layer (so the switch point can move without recompiling; the graph also counts the paths in
-  a second buffer). The switch point is resolved before the model's first forward (a forward
-  pre-hook), outside the graph. Run eagerly inside an op, the split path's dense MLP cost 3.6%
+  a second buffer). The switch point is resolved before the model's first forward (by the model's
+  ``__call__``, :class:`~vllm_fse.models.fused_shared_experts.FusedSharedExpertsMixin`), outside
+  the graph. Run eagerly inside an op, the split path's dense MLP cost 3.6%
   more of a batch-1 step than FSE off, and choosing inside an op cost another ~3% (both
   measured across engines). Under ``VLLM_FSE=1`` there is no choice: the fused path is traced
   alone.
