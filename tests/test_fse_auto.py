@@ -94,6 +94,10 @@ def test_auto_model_holds_the_fused_layer_and_a_split_mlp(switched):
                 assert rank["inductor_reorder_for_peak_memory"] is False
             for layer in rank["moe_layers"]:
                 assert layer["has_shared_experts_mlp"] is False and layer["has_split_mlp"] is True
+                # Set by the model's post-load hook: one MLP of both shared experts' width has no
+                # single slot to read, so it keeps its copy (tests/test_split_storage.py: where it reads one).
+                assert layer["split_weights_slot"] is None
+                assert layer["split_copy_reason"] == f"the split MLP spans {N_SHARED} slots"
                 assert layer["w13_shape"][0] == tiny.n_routed_experts + N_SHARED
                 assert layer["shared_slot_weight"] == pytest.approx(1 / 2.5)
 
@@ -111,6 +115,7 @@ def test_the_plan_line_states_the_switch_point_and_the_split_copy(switched):
         assert "requested by VLLM_FSE=auto" in auto["log"]
         assert "auto: fused for steps of <= 4 tokens, split above (VLLM_FSE_FUSED_MAX_TOKENS=4); split path: one " \
                "dense shared-expert copy per MoE layer," in auto["log"]  # fmt: skip
+        assert f"in all (the split MLP spans {N_SHARED} slots)" in auto["log"]
 
 
 def test_mtp_draft_switches_too_and_decoding_stays_lossless(tiny_model, tmp_path):

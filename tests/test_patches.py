@@ -166,3 +166,14 @@ def test_the_plugins_sources_are_part_of_vllms_compile_cache_key(tmp_path):
     before = source_hash(tmp_path)
     (tmp_path / "pkg" / "a.py").write_text("x = 2\n")  # a plugin upgrade changing the graph
     assert source_hash(tmp_path) != before
+
+
+def test_vllms_loader_calls_the_model_level_hook_after_every_layer():
+    # Entry 9: the split MLP can read a shared slot only once both are in their kernels' format.
+    from vllm.model_executor.model_loader import utils
+
+    source = inspect.getsource(utils.process_weights_after_loading)
+    layers, hook = source.find("quant_method.process_weights_after_loading(module)"), source.find(
+        "model.process_weights_after_loading()"
+    )
+    assert 0 <= layers < hook, "vLLM's loader no longer calls model.process_weights_after_loading() last"

@@ -45,6 +45,9 @@ def describe_model(model) -> dict[str, Any]:
                     getattr(block, name, None) is not None for name in ("shared_experts", "shared_expert")
                 ),
                 "has_split_mlp": getattr(block, "fse_split_mlp", None) is not None,
+                # Set once the weights are processed: the slot the split MLP reads, or why it keeps a copy.
+                "split_weights_slot": getattr(slots, "split_weights_slot", None),
+                "split_copy_reason": getattr(slots, "split_copy_reason", None),
                 "router": type(runner.router).__qualname__,
                 # vLLM binds routed-experts capture only to BaseRouter subclasses.
                 "router_is_base_router": _is_base_router(runner.router),

@@ -64,6 +64,13 @@ The list (``PATCHES``):
    (a hash of the plugin's sources, not a variable anyone sets) makes a plugin upgrade compile
    afresh instead of reusing Inductor code of an older graph. How: ``dict.setdefault``. Goes
    when vLLM lets plugins declare variables and compile-cache factors.
+9. ``vllm.model_executor.model_loader.utils.process_weights_after_loading``: not patched; the
+   plugin's model classes define the model-level hook it calls last
+   (``model.process_weights_after_loading()``, after every layer processed its weights for its
+   kernel). Why: only then can the split path's dense MLP be pointed at a shared slot that holds
+   the same matrices (:meth:`~vllm_fse.models.shared_slot_experts.SharedSlotExperts.read_split_weights_from_slot`),
+   and only then does the plan line know where those weights live. How: the mixin's method calls
+   upstream's own (if the model class has one) first. Goes when the split path is gone (with 2).
 """
 
 from __future__ import annotations
@@ -128,6 +135,9 @@ PATCHES: tuple[Patch, ...] = tuple(
     Patch("vllm.envs", "environment_variables", "registry entry",
           "the plugin's variables and source hash in vLLM's known variables and compile-cache key",
           "vLLM lets plugins declare variables and compile-cache factors"),
+    Patch("vllm.model_executor.model_loader.utils", "process_weights_after_loading", "hook the model class defines",
+          "the split MLP reads a shared slot holding the same matrices, once every layer's weights are processed",
+          "the split path is gone (with FusedMoEFactory's)", ("model", "model_config", "target_device")),
 )  # fmt: skip
 
 

@@ -435,13 +435,21 @@ def _format_bytes(n: int) -> str:
     return f"{n:.2f} GiB"
 
 
-def _split_mlp_bytes(moe_blocks: dict[int, torch.nn.Module]) -> int:
-    return sum(
-        p.numel() * p.element_size()
-        for block in moe_blocks.values()
-        if isinstance(getattr(block, SPLIT_MLP, None), torch.nn.Module)
-        for p in getattr(block, SPLIT_MLP).parameters()
-    )
+def split_path_memory(moe_blocks: dict[int, torch.nn.Module]) -> str:
+    """Where the split path's dense MLPs keep their weights: on the shared slots, or in a copy (its
+    bytes, and why the slots could not serve); empty without a split path."""
+    split = [s for s in (getattr(b.experts, "fse_shared_slots", None) for b in moe_blocks.values())
+             if s is not None and s.split_mlp is not None]  # fmt: skip
+    copies = [s for s in split if s.split_weights_slot is None]
+    if not copies:
+        return "split path: the dense MLP reads the shared slot's weights, no copy" if split else ""
+    size = _format_bytes(sum(s.split_mlp_bytes for s in copies))
+    reasons = sorted({s.split_copy_reason for s in copies if s.split_copy_reason})
+    why = f" ({'; '.join(reasons)})" if reasons else ""
+    if len(copies) < len(split):
+        return (f"split path: {len(split) - len(copies)} of {len(split)} MoE layers read the shared slot's weights, "
+                f"the others keep a dense copy, {size} in all{why}")  # fmt: skip
+    return f"split path: one dense shared-expert copy per MoE layer, {size} in all{why}"
 
 
 def log_plan(model_name: str, plan: FsePlan, moe_blocks: dict[int, torch.nn.Module]) -> None:
@@ -457,7 +465,7 @@ def log_plan(model_name: str, plan: FsePlan, moe_blocks: dict[int, torch.nn.Modu
         weight, switch = "1.0, routed_scaling_factor applied by AITER to the routed slots only", None
     else:
         weight, switch = f"{slots.slot_weight:g}", slots.switch
-    split_bytes = _split_mlp_bytes(moe_blocks)
+    split_memory = split_path_memory(moe_blocks)
     replicas = ""
     if plan.shared_replicas > 1 and moe_blocks:
         routed = next(iter(moe_blocks.values())).experts.routed_experts
@@ -481,9 +489,7 @@ def log_plan(model_name: str, plan: FsePlan, moe_blocks: dict[int, torch.nn.Modu
     def announce() -> None:
         steps = ""
         if switch is not None:
-            steps = f"; {switch.describe()}"
-            if split_bytes:
-                steps += f"; split path: one dense shared-expert copy per MoE layer, {_format_bytes(split_bytes)} in all"
+            steps = f"; {switch.describe()}" + (f"; {split_memory}" if split_memory else "")
         logger.info_once(
             "vllm-fse: %s FSE on (%s; %s): %d MoE layers %s, shared slots %s of %d experts per "
             "layer, shared-slot weight %s%s%s",
@@ -570,7 +576,10 @@ class FusedSharedExpertsMixin:
             if slots.split_mlp is not None:
                 # Under the block, so the checkpoint's shared-expert tensors load into it.
                 block.add_module(SPLIT_MLP, slots.split_mlp)
-        log_plan(type(self).__name__, plan, self.fse_moe_blocks())
+        if switch is None:
+            log_plan(type(self).__name__, plan, self.fse_moe_blocks())
+        # else: once the weights are processed (process_weights_after_loading), since the plan line
+        # says where the split path's weights live.
         # The compiled graph reads the switch point: __call__ measures it before the first forward.
         self.fse_resolve_before_forward = None
         if switch is not None and switch.auto and not switch.resolved and compiled_on_cpu(vllm_config):
@@ -591,6 +600,21 @@ class FusedSharedExpertsMixin:
             self.fse_resolve_before_forward = None
             slots.resolve_before_forward()
         return super().__call__(*args, **kwargs)
+
+    def process_weights_after_loading(self) -> None:
+        # vLLM's model-level hook, after every layer processed its weights for its kernel: the
+        # split path's dense MLP reads a shared slot where that holds the same matrices.
+        upstream = getattr(super(), "process_weights_after_loading", None)
+        if upstream is not None:
+            upstream()
+        if self.fse_switch is None:
+            return
+        blocks = self.fse_moe_blocks()
+        for block in blocks.values():
+            slots = getattr(block.experts, "fse_shared_slots", None)
+            if slots is not None:
+                slots.read_split_weights_from_slot()
+        log_plan(type(self).__name__, self.fse_plan, blocks)
 
     def fse_decoder_layers(self) -> torch.nn.Module:
         """The model's ``layers`` container (a multimodal wrapper overrides where it sits)."""

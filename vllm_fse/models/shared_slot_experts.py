@@ -286,6 +286,13 @@ class SharedSlotExperts:
         self._experts: Callable | None = None
         self._mlp: Callable | None = None
         self.direct_cpu_kernels = False
+        # The split MLP's weights as built (vLLM's CPU GEMMs later move them into a packed handle
+        # and leave ``weight`` empty): what its copy of the shared expert costs.
+        self.split_mlp_bytes = 0 if split_mlp is None else sum(p.numel() * p.element_size() for p in split_mlp.parameters())
+        # Once loaded (read_split_weights_from_slot): the shared slot the split MLP's weights are
+        # views of, or why it keeps its own copy.
+        self.split_weights_slot: int | None = None
+        self.split_copy_reason: str | None = None
         # Per token count: the slot buffers' views a fused call writes and passes (a decode step
         # then only copies the routed ids and weights in; views cost microseconds per layer).
         self._fused_views: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
@@ -361,6 +368,37 @@ class SharedSlotExperts:
             if experts is not None and (mlp is not None or self.split_mlp is None):
                 self._experts, self._mlp, self.direct_cpu_kernels = experts, mlp, True
 
+    def read_split_weights_from_slot(self) -> bool:
+        """After vLLM processed the weights for its kernels: point the split MLP's parameters at a
+        shared slot that holds the same matrices, so the split path keeps no second copy of the
+        shared expert. True if it now reads the slot (``split_weights_slot``); otherwise
+        ``split_copy_reason`` says why the copy stays."""
+        if self.split_mlp is None:
+            return False
+        if self.split_weights_slot is not None:
+            # Called again after a weight update (loaded in place into the shared storage): moving
+            # the parameters now would change addresses that CUDA graphs captured.
+            return True
+        if self.n_shared != 1:
+            self.split_copy_reason = f"the split MLP spans {self.n_shared} slots"
+            return False
+        routed = self.runner.routed_experts
+        # n_shared == 1: the shared expert's replicas are slots n_routed .. n_routed + replicas - 1.
+        held = [s for s in range(self.n_routed, self.n_routed + self.replicas)
+                if routed.expert_map is None or int(routed.expert_map[s]) >= 0]  # fmt: skip
+        if not held:
+            self.split_copy_reason = "the shared slots are held by other expert-parallel ranks"
+            return False
+        local = held[0] if routed.expert_map is None else int(routed.expert_map[held[0]])
+        pairs = slot_views(self.split_mlp, routed, local)
+        if isinstance(pairs, str):
+            self.split_copy_reason = pairs
+            return False
+        for param, view in pairs:
+            param.data = view
+        self.split_weights_slot, self.split_copy_reason = held[0], None
+        return True
+
     def calibration_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states and top-k ids shaped, typed and placed as the layer's calls are."""
         cfg = self.runner.moe_config
@@ -427,6 +465,51 @@ class SharedSlotExperts:
             shared = shared.mul_(self.gate_weight(x))
         out = self._experts(x, topk_weights, topk_ids)
         return out.add_(shared, alpha=self.slot_weight)
+
+
+# -- the split MLP on the slot's storage ----------------------------------------------------------
+
+# Each projection of the split MLP and the FusedMoE parameters' prefix that holds it per expert:
+# gate_up_proj.weight <-> w13_weight[slot], down_proj.weight <-> w2_weight[slot], and so on for
+# every other parameter (bias, quantization scales).
+_SLOT_PARAMETER_PREFIX = (("gate_up_proj", "w13_"), ("down_proj", "w2_"))
+
+
+def slot_views(
+    mlp: torch.nn.Module, routed: torch.nn.Module, slot: int
+) -> list[tuple[torch.nn.Parameter, torch.Tensor]] | str:
+    """Every parameter of the split MLP's two projections paired with its twin in the FusedMoE's
+    local expert ``slot``, or why they are not the same tensor.
+
+    The same means the same shape, strides, dtype, device and values after both sides were
+    processed for their kernels. Anything a backend does to either side (vLLM's CPU MoE kernel
+    prepacks the slots, its CPU GEMMs pack the dense weights and empty ``weight``, FlashInfer
+    swaps gate and up, a quantized format rescales) shows up as a difference, and the copy stays.
+    """
+    pairs = []
+    for proj_name, prefix in _SLOT_PARAMETER_PREFIX:
+        for name, param in getattr(mlp, proj_name).named_parameters(recurse=False):
+            twin_name = f"{prefix}{name}"
+            twin = getattr(routed, twin_name, None)
+            if not isinstance(twin, torch.Tensor) or twin.dim() == 0 or not 0 <= slot < twin.shape[0]:
+                return f"{proj_name}.{name} has no per-expert twin {twin_name}"
+            view = twin[slot]
+            ours = (tuple(param.shape), param.stride(), param.dtype, param.device)
+            theirs = (tuple(view.shape), view.stride(), view.dtype, view.device)
+            if ours != theirs:  # e.g. oneDNN keeps the packed weight in its handle: ``weight`` is [0]
+                return (f"{proj_name}.{name} is {_layout_text(ours)}, {twin_name}[{slot}] is {_layout_text(theirs)}: "
+                        "repacked for a kernel")  # fmt: skip
+            if not torch.equal(param, view):
+                return f"{proj_name}.{name} differs from {twin_name}[{slot}]"
+            pairs.append((param, view))
+    if not pairs:
+        return "the split MLP has no parameters"
+    return pairs
+
+
+def _layout_text(layout: tuple) -> str:
+    shape, stride, dtype, device = layout
+    return f"{list(shape)} (strides {list(stride)}) {str(dtype).removeprefix('torch.')} on {device}"
 
 
 # -- CPU: vLLM's kernels, called directly -------------------------------------------------------------
