@@ -10,7 +10,8 @@ the first arm is the ratio of the engines' geometric means, with a Welch 95% int
 engines (:func:`vllm_fse.bench.stats.group_ratio`), so engine-to-engine spread is inside it.
 
 Arms are ``NAME=VLLM_FSE[,VAR=VALUE...]``. The default compares FSE off, every step fused, and
-every step split (the unfused computation inside FSE's MoE layer):
+every step split (the unfused computation inside FSE's MoE layer). ``--prefill-tokens`` adds
+prefill steps of those sizes, ``--prefill-rounds`` per engine in the same rotation:
 
     .venv/bin/python benchmarks/engine_groups.py --out benchmarks/results/engine-groups-cpu.json
 """
@@ -48,6 +49,9 @@ def main() -> None:
     parser.add_argument("--decode-batch", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--steps", type=int, default=48, help="timed decode steps per engine and batch size")
     parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--prefill-tokens", type=int, nargs="*", default=[],
+                        help="also time prefill steps of these token counts (requests of at most 2048 tokens)")
+    parser.add_argument("--prefill-rounds", type=int, default=5, help="timed prefill steps per engine and size")
     parser.add_argument("--preset", default="bench")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -60,8 +64,9 @@ def main() -> None:
 
     # Many engines share the machine's memory: a small KV cache each (the requests need little).
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    engine_args = argparse.Namespace(decode_batch=args.decode_batch, prefill_tokens=[2048], prefill_request_len=2048,
-                                     input_len=args.input_len, steps=args.steps, eager=False)  # fmt: skip
+    engine_args = argparse.Namespace(decode_batch=args.decode_batch, prefill_tokens=[2048, *args.prefill_tokens],
+                                     prefill_request_len=2048, input_len=args.input_len, steps=args.steps,
+                                     eager=False)  # fmt: skip
     model, dtype = resolve_model(None, args.preset, None)
     engines: list[tuple[str, object]] = []  # (arm name, requests of one engine), in build order
     for _ in range(args.engines_per_arm):
@@ -71,22 +76,46 @@ def main() -> None:
             print(f"built engine {len(engines)}: {name}", flush=True)
     rows = []
     n = len(engines)
-    for batch in args.decode_batch:
+
+    def rotation(cycle: int) -> list[int]:
+        return list(range(n))[cycle % n:] + list(range(n))[: cycle % n]
+
+    def decode_times(batch: int) -> list[list[float]]:
         ids = [reqs.add(batch, args.input_len, args.steps + 16) for _, reqs in engines]
         for _, reqs in engines:
             for _ in range(5):  # prefill and warm-up
                 reqs.engine.step()
         times: list[list[float]] = [[] for _ in engines]
         for cycle in range(args.steps):
-            for i in (list(range(n))[cycle % n:] + list(range(n))[: cycle % n]):
+            for i in rotation(cycle):
                 times[i].append(engines[i][1].timed_step() * 1e3)
         for (_, reqs), rids in zip(engines, ids):
             reqs.drain(rids)
-        medians = [statistics.median(t) for t in times]
+        return times
+
+    def prefill_times(tokens: int) -> list[list[float]]:
+        parts = -(-tokens // 2048)
+        lengths = [tokens // parts + (1 if i < tokens % parts else 0) for i in range(parts)]
+        times: list[list[float]] = [[] for _ in engines]
+        for cycle in range(args.prefill_rounds + 1):  # round 0 warms up
+            for i in rotation(cycle):
+                reqs = engines[i][1]
+                ids = [rid for length in lengths for rid in reqs.add(1, length, 1)]
+                elapsed = reqs.timed_step() * 1e3
+                reqs.drain(ids)
+                if cycle:
+                    times[i].append(elapsed)
+        return times
+
+    sizes = [("batch", b, args.steps, decode_times) for b in args.decode_batch]
+    sizes += [("prefill_tokens", t, args.prefill_rounds, prefill_times) for t in args.prefill_tokens]
+    for kind, size, count, measure in sizes:
+        medians = [statistics.median(t) for t in measure(size)]
         per_arm = {name: [m for (arm, _), m in zip(engines, medians) if arm == name] for name, _, _ in arms}
         base = arms[0][0]
-        row = {"batch": batch, "steps": args.steps, "engine_median_ms": per_arm, "ratios": {}}
-        line = [f"batch {batch}: {base} {statistics.median(per_arm[base]):.2f} ms"]
+        row = {kind: size, "steps": count, "engine_median_ms": per_arm, "ratios": {}}
+        label = f"batch {size}" if kind == "batch" else f"prefill {size} tokens"
+        line = [f"{label}: {base} {statistics.median(per_arm[base]):.2f} ms"]
         names = [name for name, _, _ in arms]
         pairs = [(base, b) for b in names[1:]] + [(a, b) for i, a in enumerate(names[1:], 1) for b in names[i + 1:]]
         for a, b in pairs:
