@@ -94,8 +94,7 @@ def main() -> None:
         return times
 
     def prefill_times(tokens: int) -> list[list[float]]:
-        parts = -(-tokens // 2048)
-        lengths = [tokens // parts + (1 if i < tokens % parts else 0) for i in range(parts)]
+        lengths = crossover.prefill_lengths(tokens, engine_args.prefill_request_len)
         times: list[list[float]] = [[] for _ in engines]
         for cycle in range(args.prefill_rounds + 1):  # round 0 warms up
             for i in rotation(cycle):

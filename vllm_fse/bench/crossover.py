@@ -238,10 +238,16 @@ def measure_decode(llm, reqs: _Requests, args, batch: int, off_llm=None, off_req
     return per_step
 
 
+def prefill_lengths(tokens: int, request_len: int) -> list[int]:
+    """Prompt lengths of one prefill step of ``tokens`` tokens: as few requests of at most
+    ``request_len`` tokens as hold them, as even as possible."""
+    n = math.ceil(tokens / request_len)
+    return [tokens // n + (1 if i < tokens % n else 0) for i in range(n)]
+
+
 def measure_prefill(llm, reqs: _Requests, args, tokens: int, off_reqs: _Requests | None = None) -> dict:
     """Per round and arm, the time of one prefill step of ``tokens`` tokens."""
-    n = math.ceil(tokens / args.prefill_request_len)
-    lengths = [tokens // n + (1 if i < tokens % n else 0) for i in range(n)]
+    lengths = prefill_lengths(tokens, args.prefill_request_len)
     arms = MODES + (("off",) if off_reqs is not None else ())
     per_round: dict[str, list[float]] = {m: [] for m in arms}
     for rnd in range(args.prefill_rounds + 1):  # round 0 warms up
