@@ -11,7 +11,9 @@ engines (:func:`vllm_fse.bench.stats.group_ratio`), so engine-to-engine spread i
 
 Arms are ``NAME=VLLM_FSE[,VAR=VALUE...]``. The default compares FSE off, every step fused, and
 every step split (the unfused computation inside FSE's MoE layer). ``--prefill-tokens`` adds
-prefill steps of those sizes, ``--prefill-rounds`` per engine in the same rotation:
+prefill steps of those sizes, ``--prefill-rounds`` per engine in the same rotation.
+``--compilation-config NAME=JSON`` gives one arm its own vLLM compilation config (e.g. the off
+arm compiled with the Inductor option FSE sets, to see what that option costs):
 
     .venv/bin/python benchmarks/engine_groups.py --out benchmarks/results/engine-groups-cpu.json
 """
@@ -42,6 +44,21 @@ def parse_arm(text: str) -> tuple[str, str, dict[str, str]]:
     return name, fse, env
 
 
+def parse_compilation_configs(items: list[str], arm_names: list[str]) -> dict[str, dict]:
+    configs = {}
+    for text in items:
+        name, sep, spec = text.partition("=")
+        if not sep or name not in arm_names:
+            raise SystemExit(f"--compilation-config: expected NAME=JSON with NAME one of {arm_names}, got {text!r}")
+        try:
+            configs[name] = json.loads(spec)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"--compilation-config {name}: not JSON ({e}): {spec!r}") from None
+        if not isinstance(configs[name], dict):
+            raise SystemExit(f"--compilation-config {name}: expected a JSON object, got {spec!r}")
+    return configs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, help="NAME=VLLM_FSE[,VAR=VALUE...]; first: baseline")
@@ -52,10 +69,14 @@ def main() -> None:
     parser.add_argument("--prefill-tokens", type=int, nargs="*", default=[],
                         help="also time prefill steps of these token counts (requests of at most 2048 tokens)")
     parser.add_argument("--prefill-rounds", type=int, default=5, help="timed prefill steps per engine and size")
+    parser.add_argument("--compilation-config", nargs="*", default=[], metavar="NAME=JSON",
+                        help="an arm's vLLM compilation config, e.g. "
+                             "'off_same={\"inductor_compile_config\": {\"reorder_for_peak_memory\": false}}'")
     parser.add_argument("--preset", default="bench")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     arms = [parse_arm(a) for a in args.arms]
+    compilation = parse_compilation_configs(args.compilation_config, [name for name, _, _ in arms])
 
     from vllm_fse.bench import crossover
     from vllm_fse.bench.arms import resolve_model
@@ -72,7 +93,8 @@ def main() -> None:
     for _ in range(args.engines_per_arm):
         for name, fse, env in arms:
             with mock.patch.dict(os.environ, env):  # restored (or removed) after the build
-                engines.append((name, crossover._Requests(crossover._build_engine(engine_args, model, dtype, fse))))
+                llm = crossover._build_engine(engine_args, model, dtype, fse, compilation.get(name))
+                engines.append((name, crossover._Requests(llm)))
             print(f"built engine {len(engines)}: {name}", flush=True)
     rows = []
     n = len(engines)
@@ -131,7 +153,8 @@ def main() -> None:
     print(machine_line(machine))
     if args.out:
         result = {"command": command_line(), "machine": machine, "model": model, "arms": args.arms,
-                  "engines_per_arm": args.engines_per_arm, "build_order": [name for name, _ in engines], "rows": rows}
+                  "compilation_configs": compilation, "engines_per_arm": args.engines_per_arm,
+                  "build_order": [name for name, _ in engines], "rows": rows}  # fmt: skip
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
 
 
