@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 from pathlib import Path
 from unittest import mock
@@ -42,6 +43,12 @@ def parse_arm(text: str) -> tuple[str, str, dict[str, str]]:
             raise argparse.ArgumentTypeError(f"--arms: expected VAR=VALUE in {text!r}, got {item!r}")
         env[key] = value
     return name, fse, env
+
+
+def minor_faults() -> int:
+    """Pages this process touched for the first time so far (fresh memory the allocator mapped
+    or got back from the OS: what a step that frees and reallocates large buffers pays)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def parse_compilation_configs(items: list[str], arm_names: list[str]) -> dict[str, dict]:
@@ -102,39 +109,51 @@ def main() -> None:
     def rotation(cycle: int) -> list[int]:
         return list(range(n))[cycle % n:] + list(range(n))[: cycle % n]
 
-    def decode_times(batch: int) -> list[list[float]]:
+    def timed(i: int, times: list[list[float]], faults: list[list[int]]) -> None:
+        f0 = minor_faults()
+        times[i].append(engines[i][1].timed_step() * 1e3)
+        faults[i].append(minor_faults() - f0)
+
+    def decode_times(batch: int) -> tuple[list[list[float]], list[list[int]]]:
         ids = [reqs.add(batch, args.input_len, args.steps + 16) for _, reqs in engines]
         for _, reqs in engines:
             for _ in range(5):  # prefill and warm-up
                 reqs.engine.step()
         times: list[list[float]] = [[] for _ in engines]
+        faults: list[list[int]] = [[] for _ in engines]
         for cycle in range(args.steps):
             for i in rotation(cycle):
-                times[i].append(engines[i][1].timed_step() * 1e3)
+                timed(i, times, faults)
         for (_, reqs), rids in zip(engines, ids):
             reqs.drain(rids)
-        return times
+        return times, faults
 
-    def prefill_times(tokens: int) -> list[list[float]]:
+    def prefill_times(tokens: int) -> tuple[list[list[float]], list[list[int]]]:
         lengths = crossover.prefill_lengths(tokens, engine_args.prefill_request_len)
         times: list[list[float]] = [[] for _ in engines]
+        faults: list[list[int]] = [[] for _ in engines]
         for cycle in range(args.prefill_rounds + 1):  # round 0 warms up
             for i in rotation(cycle):
                 reqs = engines[i][1]
                 ids = [rid for length in lengths for rid in reqs.add(1, length, 1)]
-                elapsed = reqs.timed_step() * 1e3
+                timed(i, times, faults)
                 reqs.drain(ids)
-                if cycle:
-                    times[i].append(elapsed)
-        return times
+                if not cycle:  # the warm-up round is not kept
+                    times[i].pop()
+                    faults[i].pop()
+        return times, faults
 
     sizes = [("batch", b, args.steps, decode_times) for b in args.decode_batch]
     sizes += [("prefill_tokens", t, args.prefill_rounds, prefill_times) for t in args.prefill_tokens]
     for kind, size, count, measure in sizes:
-        medians = [statistics.median(t) for t in measure(size)]
+        times, faults = measure(size)
+        medians = [statistics.median(t) for t in times]
         per_arm = {name: [m for (arm, _), m in zip(engines, medians) if arm == name] for name, _, _ in arms}
+        fault_medians = [statistics.median(f) for f in faults]
+        faults_per_arm = {name: [m for (arm, _), m in zip(engines, fault_medians) if arm == name] for name, _, _ in arms}
         base = arms[0][0]
-        row = {kind: size, "steps": count, "engine_median_ms": per_arm, "ratios": {}}
+        row = {kind: size, "steps": count, "engine_median_ms": per_arm, "minor_faults_per_step": faults_per_arm,
+               "ratios": {}}  # fmt: skip
         label = f"batch {size}" if kind == "batch" else f"prefill {size} tokens"
         line = [f"{label}: {base} {statistics.median(per_arm[base]):.2f} ms"]
         names = [name for name, _, _ in arms]
@@ -147,6 +166,7 @@ def main() -> None:
         spreads = {name: group_ratio(v, v).spread_a_pct for name, v in per_arm.items()}
         row["engine_spread_pct"] = spreads
         line.append("engine spread " + ", ".join(f"{k} {v:.1f}%" for k, v in spreads.items() if v is not None))
+        line.append("minor faults per step " + ", ".join(f"{k} {statistics.median(v):.0f}" for k, v in faults_per_arm.items()))
         rows.append(row)
         print("; ".join(line), flush=True)
     machine = describe_machine()

@@ -23,14 +23,16 @@ from collections import defaultdict
 from pathlib import Path
 from unittest import mock
 
-from engine_groups import parse_arm, parse_compilation_configs
+from engine_groups import minor_faults, parse_arm, parse_compilation_configs
 
-# Inductor's generated kernels carry a graph-local number (cpp_fused_add_3): one name per kind.
+# Inductor's generated kernels carry a graph number and a graph-local number
+# (graph_1_cpp_fused_add_3): one name per kind, whichever graph (or torch.cond branch) holds it.
+_GRAPH_PREFIX = re.compile(r"^graph_\d+_")
 _KERNEL_NUMBER = re.compile(r"_\d+$")
 
 
 def op_key(name: str) -> str:
-    return _KERNEL_NUMBER.sub("_N", name)
+    return _KERNEL_NUMBER.sub("_N", _GRAPH_PREFIX.sub("", name))
 
 
 def main() -> None:
@@ -69,6 +71,7 @@ def main() -> None:
 
     lengths = crossover.prefill_lengths(args.prefill_tokens, engine_args.prefill_request_len)
     wall: dict[str, list[float]] = defaultdict(list)
+    faults: dict[str, list[int]] = defaultdict(list)
     self_us: dict[str, dict[str, float]] = {name: defaultdict(float) for name in names}
     calls: dict[str, dict[str, int]] = {name: defaultdict(int) for name in names}
     for cycle in range(args.rounds + 1):  # round 0 warms up, unprofiled
@@ -80,9 +83,10 @@ def main() -> None:
                 reqs.drain(ids)
                 continue
             with profile(activities=[ProfilerActivity.CPU]) as prof:
-                t0 = time.perf_counter()
+                f0, t0 = minor_faults(), time.perf_counter()
                 reqs.engine.step()
                 wall[name].append((time.perf_counter() - t0) * 1e3)
+                faults[name].append(minor_faults() - f0)
             reqs.drain(ids)
             for e in prof.key_averages():
                 self_us[name][op_key(e.key)] += e.self_cpu_time_total
@@ -91,7 +95,9 @@ def main() -> None:
     base = names[0]
     keys = set().union(*per_step.values())
     lines = [f"prefill step of {args.prefill_tokens} tokens ({args.rounds} profiled rounds per arm, median wall ms): "
-             + ", ".join(f"{n} {statistics.median(wall[n]):.1f}" for n in names)]  # fmt: skip
+             + ", ".join(f"{n} {statistics.median(wall[n]):.1f}" for n in names),
+             "minor page faults per step (median): "
+             + ", ".join(f"{n} {statistics.median(faults[n]):.0f}" for n in names)]  # fmt: skip
     for other in names[1:]:
         diff = sorted(keys, key=lambda k: abs(per_step[other].get(k, 0) - per_step[base].get(k, 0)), reverse=True)
         lines.append(f"\n{other} - {base}, self CPU ms per step (calls per step):")
@@ -107,7 +113,7 @@ def main() -> None:
     if args.out:
         result = {"command": command_line(), "machine": machine, "model": model, "arms": args.arms,
                   "compilation_configs": compilation, "prefill_tokens": args.prefill_tokens, "rounds": args.rounds,
-                  "wall_ms": wall, "self_cpu_ms_per_step": per_step,
+                  "wall_ms": wall, "minor_faults": faults, "self_cpu_ms_per_step": per_step,
                   "calls_per_step": {n: {k: v / args.rounds for k, v in c.items()} for n, c in calls.items()}}  # fmt: skip
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
 

@@ -90,8 +90,11 @@ def test_auto_model_holds_the_fused_layer_and_a_split_mlp(switched):
         for rank in auto["describe_model"]:
             assert rank["fse_path"] == "BACKEND_NEUTRAL"
             assert rank["compilation_backend"] == ("inductor" if tp == 1 else None)  # vLLM's default mode at TP 1
-            if tp == 1:  # FSE in vLLM's compiled CPU mode: vllm_fse.patches, entry 6
+            if tp == 1:  # FSE in vLLM's compiled CPU mode: vllm_fse.patches, entries 6 and 10
                 assert rank["inductor_reorder_for_peak_memory"] is False
+                assert rank["freed_cpu_heap"].startswith("kept"), rank["freed_cpu_heap"]
+            else:  # eager: no torch.cond branch, the process's allocator is left alone
+                assert rank["freed_cpu_heap"] is None
             for layer in rank["moe_layers"]:
                 assert layer["has_shared_experts_mlp"] is False and layer["has_split_mlp"] is True
                 # Set by the model's post-load hook: one MLP of both shared experts' width has no
@@ -102,11 +105,12 @@ def test_auto_model_holds_the_fused_layer_and_a_split_mlp(switched):
                 assert layer["shared_slot_weight"] == pytest.approx(1 / 2.5)
 
 
-def test_fse_off_leaves_vllms_compile_options_alone(switched):
+def test_fse_off_leaves_vllms_compile_options_and_the_allocator_alone(switched):
     _, by_dtype = switched
     for off, _ in by_dtype.values():
         for rank in off["describe_model"]:
             assert rank["fse_path"] == "OFF" and rank["inductor_reorder_for_peak_memory"] is None
+            assert rank["freed_cpu_heap"] is None  # the off engine ran first in its process
 
 
 def test_the_plan_line_states_the_switch_point_and_the_split_copy(switched):

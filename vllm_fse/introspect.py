@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from vllm_fse.patches import freed_cpu_heap_state
+
 
 def model_class(model) -> str:
     """``module:Class`` of the instantiated model."""
@@ -73,6 +75,8 @@ def describe_model(model) -> dict[str, Any]:
         "fse_reason": plan.reason if plan is not None else None,
         "moe_layers": layers,
         "inductor_reorder_for_peak_memory": inductor.get("reorder_for_peak_memory"),
+        # vllm_fse.patches entry 10: whether this process keeps freed heap memory (None: not asked).
+        "freed_cpu_heap": freed_cpu_heap_state(),
         # What runs the traced graph: "inductor", or "eager" under VLLM_CPU_CI_ENV; None when not traced.
         "compilation_backend": compilation.backend if traced else None,
         "switch": None if switch is None else {

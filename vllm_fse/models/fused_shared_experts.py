@@ -35,6 +35,7 @@ from vllm_fse.decision import FsePath, FsePlan, FseSwitch, compiled_on_cpu, plan
 from vllm_fse.loading import SharedExpertLayout, SlotTracker, split_shared_experts
 from vllm_fse.models.shared_slot_experts import BENCH_ROUTED_KEY, SharedSlotExperts, SwitchPoint
 from vllm_fse.patches import (
+    keep_freed_cpu_heap,
     keep_inductor_order_of_out_variant_kernels,
     resolve_widened_moe_configs,
     route_to_modular_kernels,
@@ -540,6 +541,8 @@ class FusedSharedExpertsMixin:
         if plan.enabled and compiled_on_cpu(vllm_config):
             # Before construction: the model's compile backend copies the Inductor options.
             keep_inductor_order_of_out_variant_kernels(vllm_config)
+            if plan.path is FsePath.BACKEND_NEUTRAL and plan.switch is FseSwitch.AUTO:
+                keep_freed_cpu_heap()  # the split path's torch.cond branch frees its buffers every step
         switch = None
         if plan.path is FsePath.BACKEND_NEUTRAL:
             max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
