@@ -4,8 +4,9 @@
 this shows *where*. It builds one engine per arm (``NAME=VLLM_FSE[,VAR=VALUE...]``, as
 ``engine_groups.py``; ``--compilation-config NAME=JSON`` per arm), then in rotation runs
 ``--rounds`` prefill steps of ``--prefill-tokens`` tokens on each under the torch profiler, and
-reports per arm the wall time per step and every operator's self CPU time per step, with the
-difference to the first arm. Inductor's generated CPU kernels are named in the trace
+reports per arm the wall time and minor page faults per step (fresh memory the allocator mapped:
+how the split path's freed buffers showed up, see vllm_fse/patches.py entry 10) and every
+operator's self CPU time per step, with the difference to the first arm. Inductor's generated CPU kernels are named in the trace
 (``cpp.enable_kernel_profile``, set for every arm, so the arms are compiled alike).
 
     .venv/bin/python benchmarks/prefill_profile.py --arms off=0 auto=auto --prefill-tokens 4096
