@@ -343,3 +343,37 @@ def test_crossover_routed_mode_skips_the_shared_expert_and_other_modes_restore_i
     assert slots.switch.fused_max_tokens == ALWAYS
     set_mode(model, "auto")
     assert slots.switch.fused_max_tokens == 8  # back to the calibrated switch point
+
+
+# -- benchmarks/engine_groups.py and benchmarks/prefill_profile.py (scripts, imported from there) ---
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _benchmark_script(name: str):
+    import importlib.util
+    import sys
+
+    sys.path.insert(0, str(BENCHMARKS))  # prefill_profile imports engine_groups as a sibling
+    try:
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_an_arms_compilation_config_must_name_an_arm_and_be_a_json_object():
+    groups = _benchmark_script("engine_groups")
+    parsed = groups.parse_compilation_configs(['off_same={"inductor_compile_config": {"a": false}}'], ["off", "off_same"])
+    assert parsed == {"off_same": {"inductor_compile_config": {"a": False}}}
+    for bad, said in ((["auto={}"], "NAME one of"), (["off={"], "not JSON"), (["off=[1]"], "a JSON object")):
+        with pytest.raises(SystemExit, match=said):
+            groups.parse_compilation_configs(bad, ["off", "off_same"])
+
+
+def test_profiled_kernels_of_any_graph_or_cond_branch_are_one_operator():
+    profile = _benchmark_script("prefill_profile")
+    assert profile.op_key("graph_1_cpp_fused_add_mean_3") == profile.op_key("cpp_fused_add_mean_12") == "cpp_fused_add_mean_N"
+    assert profile.op_key("_C::cpu_fused_moe") == "_C::cpu_fused_moe"

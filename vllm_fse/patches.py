@@ -310,7 +310,7 @@ def keep_freed_cpu_heap() -> str:
                 "frees its buffers every step, and glibc's default trimming made the next layer fault them in again"
             )  # fmt: skip
     if not _freed_heap_kept.startswith("kept"):
-        logger.info_once("vllm-fse: freed CPU heap memory not pinned by the plugin: %s", _freed_heap_kept)
+        logger.info_once("vllm-fse: the process allocator left as it is: %s", _freed_heap_kept)
     return _freed_heap_kept
 
 
