@@ -288,7 +288,8 @@ def keep_freed_cpu_heap() -> str:
     if _freed_heap_kept is not None:
         return _freed_heap_kept
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        _freed_heap_kept = f"not glibc ({platform.system()} {'/'.join(platform.libc_ver()) or 'unknown libc'})"
+        libc = " ".join(filter(None, platform.libc_ver())) or "unknown libc"
+        _freed_heap_kept = f"not glibc ({platform.system()}, {libc})"
     elif allocator := _loaded_allocator():
         _freed_heap_kept = f"left to the loaded {allocator}"
     elif user := [v for v in _USER_MALLOC_SETTINGS if v in os.environ] or (
@@ -298,8 +299,8 @@ def keep_freed_cpu_heap() -> str:
     else:
         mallopt = ctypes.CDLL(None).mallopt
         mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-        # The mmap threshold first: setting either one ends glibc's dynamic thresholds, which
-        # would otherwise leave it at 128 KiB (every large buffer mapped and faulted afresh).
+        # Setting either ends glibc's dynamic thresholds, so both are set: a trim threshold alone
+        # would leave the mmap threshold at its 128 KiB start (every large buffer mapped afresh).
         if mallopt(M_MMAP_THRESHOLD, KEPT_HEAP_MMAP_THRESHOLD) != 1 or mallopt(M_TRIM_THRESHOLD, KEPT_HEAP_TRIM_THRESHOLD) != 1:
             _freed_heap_kept = "glibc refused mallopt"
         else:
