@@ -109,48 +109,47 @@ def main() -> None:
     def rotation(cycle: int) -> list[int]:
         return list(range(n))[cycle % n:] + list(range(n))[: cycle % n]
 
-    def timed(i: int, times: list[list[float]], faults: list[list[int]]) -> None:
+    def timed(i: int) -> tuple[float, int]:
+        """One step of engine ``i``: its wall ms and the minor page faults it took."""
         f0 = minor_faults()
-        times[i].append(engines[i][1].timed_step() * 1e3)
-        faults[i].append(minor_faults() - f0)
+        ms = engines[i][1].timed_step() * 1e3
+        return ms, minor_faults() - f0
 
-    def decode_times(batch: int) -> tuple[list[list[float]], list[list[int]]]:
+    def decode_steps(batch: int) -> list[list[tuple[float, int]]]:
         ids = [reqs.add(batch, args.input_len, args.steps + 16) for _, reqs in engines]
         for _, reqs in engines:
             for _ in range(5):  # prefill and warm-up
                 reqs.engine.step()
-        times: list[list[float]] = [[] for _ in engines]
-        faults: list[list[int]] = [[] for _ in engines]
+        steps: list[list[tuple[float, int]]] = [[] for _ in engines]
         for cycle in range(args.steps):
             for i in rotation(cycle):
-                timed(i, times, faults)
+                steps[i].append(timed(i))
         for (_, reqs), rids in zip(engines, ids):
             reqs.drain(rids)
-        return times, faults
+        return steps
 
-    def prefill_times(tokens: int) -> tuple[list[list[float]], list[list[int]]]:
+    def prefill_steps(tokens: int) -> list[list[tuple[float, int]]]:
         lengths = crossover.prefill_lengths(tokens, engine_args.prefill_request_len)
-        times: list[list[float]] = [[] for _ in engines]
-        faults: list[list[int]] = [[] for _ in engines]
+        steps: list[list[tuple[float, int]]] = [[] for _ in engines]
         for cycle in range(args.prefill_rounds + 1):  # round 0 warms up
             for i in rotation(cycle):
                 reqs = engines[i][1]
                 ids = [rid for length in lengths for rid in reqs.add(1, length, 1)]
-                timed(i, times, faults)
+                step = timed(i)
                 reqs.drain(ids)
-                if not cycle:  # the warm-up round is not kept
-                    times[i].pop()
-                    faults[i].pop()
-        return times, faults
+                if cycle:
+                    steps[i].append(step)
+        return steps
 
-    sizes = [("batch", b, args.steps, decode_times) for b in args.decode_batch]
-    sizes += [("prefill_tokens", t, args.prefill_rounds, prefill_times) for t in args.prefill_tokens]
+    def by_arm(per_engine: list[float]) -> dict[str, list[float]]:
+        return {name: [v for (arm, _), v in zip(engines, per_engine) if arm == name] for name, _, _ in arms}
+
+    sizes = [("batch", b, args.steps, decode_steps) for b in args.decode_batch]
+    sizes += [("prefill_tokens", t, args.prefill_rounds, prefill_steps) for t in args.prefill_tokens]
     for kind, size, count, measure in sizes:
-        times, faults = measure(size)
-        medians = [statistics.median(t) for t in times]
-        per_arm = {name: [m for (arm, _), m in zip(engines, medians) if arm == name] for name, _, _ in arms}
-        fault_medians = [statistics.median(f) for f in faults]
-        faults_per_arm = {name: [m for (arm, _), m in zip(engines, fault_medians) if arm == name] for name, _, _ in arms}
+        steps = measure(size)
+        per_arm = by_arm([statistics.median(ms for ms, _ in s) for s in steps])
+        faults_per_arm = by_arm([statistics.median(f for _, f in s) for s in steps])
         base = arms[0][0]
         row = {kind: size, "steps": count, "engine_median_ms": per_arm, "minor_faults_per_step": faults_per_arm,
                "ratios": {}}  # fmt: skip

@@ -4,8 +4,8 @@ layer's tuned file (checked through vLLM's own lookup with a faked GPU name)."""
 
 from __future__ import annotations
 
-import importlib
 import ctypes
+import importlib
 import inspect
 import json
 import os
@@ -193,9 +193,9 @@ def test_vllms_loader_calls_the_model_level_hook_after_every_layer():
 
 # Entry 10, in a fresh process each (the setting is process-wide and once per process): three
 # 8 MiB buffers allocated, written and freed as a torch.cond branch does every step.
+CHURN_ROUNDS = 10
 _HEAP_CHURN = textwrap.dedent("""
     import json, resource, sys
-    ROUNDS = 10
     import torch
     from vllm_fse import patches
 
@@ -207,7 +207,7 @@ _HEAP_CHURN = textwrap.dedent("""
     churn()
     churn()  # settled
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(ROUNDS):
+    for _ in range(int(sys.argv[2])):
         churn()
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
     print(json.dumps({"state": state, "again": patches.keep_freed_cpu_heap() if state else None, "faults": faults}))
@@ -216,7 +216,7 @@ _HEAP_CHURN = textwrap.dedent("""
 
 def _churn(mode: str, **env: str) -> dict:
     clean = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LD_PRELOAD") and not k.startswith("MALLOC_")}
-    out = subprocess.run([sys.executable, "-c", _HEAP_CHURN, mode], env={**clean, **env},
+    out = subprocess.run([sys.executable, "-c", _HEAP_CHURN, mode, str(CHURN_ROUNDS)], env={**clean, **env},
                          capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -225,7 +225,7 @@ def _churn(mode: str, **env: str) -> dict:
 def test_freed_cpu_heap_is_kept_so_a_branch_that_frees_its_buffers_does_not_fault_them_in_again():
     default, kept = _churn("default"), _churn("keep")
     assert kept["state"].startswith("kept") and kept["again"] == kept["state"]
-    pages = 10 * 3 * (8 << 20) // 4096  # what every round faulting every buffer afresh would cost
+    pages = CHURN_ROUNDS * 3 * (8 << 20) // 4096  # what every round faulting every buffer afresh would cost
     # glibc's default maps and faults most rounds' buffers afresh (how many depends on the heap's
     # layout: 8,192 to 40,640 of 61,440 measured); kept, the freed pages are reused.
     assert kept["faults"] < min(default["faults"], pages // 20), (kept, default)

@@ -541,7 +541,7 @@ class FusedSharedExpertsMixin:
         if plan.enabled and compiled_on_cpu(vllm_config):
             # Before construction: the model's compile backend copies the Inductor options.
             keep_inductor_order_of_out_variant_kernels(vllm_config)
-            if plan.path is FsePath.BACKEND_NEUTRAL and plan.switch is FseSwitch.AUTO:
+            if plan.switch is FseSwitch.AUTO:  # only ever on the backend-neutral path
                 keep_freed_cpu_heap()  # the split path's torch.cond branch frees its buffers every step
         switch = None
         if plan.path is FsePath.BACKEND_NEUTRAL:
