@@ -20,7 +20,7 @@ pytestmark = pytest.mark.unit
 
 def _config(n_shared=1, quantization_config=None, eplb=False, lora=False, quant_config=None, quantization=None,
             ep_size=1, placement="linear"):  # fmt: skip
-    hf = SimpleNamespace(n_routed_experts=160, n_shared_experts=n_shared, moe_intermediate_size=1536)
+    hf = SimpleNamespace(n_routed_experts=160, n_shared_experts=n_shared, moe_intermediate_size=1536, num_hidden_layers=4)
     if quantization_config is not None:
         hf.quantization_config = quantization_config
     return SimpleNamespace(

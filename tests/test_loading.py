@@ -227,7 +227,6 @@ def test_per_channel_scales_split_for_gate_up_and_stay_whole_for_down():
     [
         (None, UNQUANTIZED),
         ({"quant_method": "fp8", "weight_block_size": [128, 128], "activation_scheme": "dynamic"}, fp8_block((128, 128))),
-        ({"quant_method": "fp8", "activation_scheme": "static"}, fp8_per_tensor(True)),
         ({"quant_method": "fp8", "activation_scheme": "dynamic"}, fp8_per_tensor(False)),
         (
             {
@@ -240,7 +239,7 @@ def test_per_channel_scales_split_for_gate_up_and_stay_whole_for_down():
                 },
                 "ignore": ["lm_head"],
             },
-            per_channel(False),
+            per_channel(False, row="fp8-channel"),
         ),
     ],
 )
@@ -254,13 +253,14 @@ def test_format_is_read_from_the_hf_quantization_config(config, expected):
         ({"quant_method": "awq", "bits": 4}, "'awq'"),
         ({"quant_method": "gptq", "bits": 4}, "'gptq'"),
         ({"quant_method": "mxfp4"}, "'mxfp4'"),
-        ({"quant_method": "fp8", "weight_block_size": [128, 128], "ignored_layers": ["model.layers.3.mlp.shared_experts"]}, "shared_experts"),
+        ({"quant_method": "fp8", "weight_block_size": [128, 128], "ignored_layers": ["model.layers.0.mlp.shared_experts"]}, "shared_experts"),
+        ({"quant_method": "fp8", "activation_scheme": "static"}, "static activation scales"),
         (
             {
                 "quant_method": "compressed-tensors",
                 "config_groups": {"g": {"weights": {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128}}},
             },
-            "int4 weights with strategy 'group'",
+            "compressed-tensors int4 weights, strategy 'group'",
         ),
     ],
 )

@@ -31,7 +31,9 @@ from vllm_fse.loading import (
     SharedExpertFormat,
     UnsupportedSharedExpertFormat,
     shared_expert_format,
+    slot_alignment_refusal,
 )
+from vllm_fse.loading import refusal as format_refusal
 
 FSE_ENV = "VLLM_FSE"
 FUSED_MAX_TOKENS_ENV = "VLLM_FSE_FUSED_MAX_TOKENS"
@@ -242,11 +244,14 @@ def _refusal(vllm_config, aiter: bool, shared_expert_name: str = "shared_experts
     return None
 
 
-def plan_fse(vllm_config, *, aiter_capable: bool = True, shared_expert_name: str = "shared_experts") -> FsePlan:
+def plan_fse(
+    vllm_config, *, aiter_capable: bool = True, shared_expert_name: str = "shared_experts", moe_layers=None
+) -> FsePlan:
     """Decide FSE for the model described by ``vllm_config`` (main model or MTP draft).
 
     ``aiter_capable``: whether upstream vLLM has an AITER fused-shared-expert path for the model;
-    ``shared_expert_name``: the checkpoint's shared-expert module under ``mlp.`` (quantization rules).
+    ``shared_expert_name``: the checkpoint's shared-expert module under ``mlp.`` and ``moe_layers``
+    its layers with a MoE block (None: every layer), for the quantization config's module rules.
     """
     model_config = vllm_config.model_config
     config = getattr(model_config, "hf_text_config", None) or model_config.hf_config
@@ -287,14 +292,20 @@ def plan_fse(vllm_config, *, aiter_capable: bool = True, shared_expert_name: str
         )
     hf_quant = getattr(model_config.hf_config, "quantization_config", None)
     try:
-        fmt = shared_expert_format(hf_quant if isinstance(hf_quant, dict) else None)
+        if moe_layers is None:
+            moe_layers = range(int(getattr(config, "num_hidden_layers", 1) or 1))
+        fmt = shared_expert_format(hf_quant if isinstance(hf_quant, dict) else None, shared_expert_name, moe_layers)
+        if shape.padding and fmt.kind is not FormatKind.UNQUANTIZED:
+            raise format_refusal(
+                "padded-quantized",
+                f"{fmt}; width {shape.shared_width} is not a multiple of moe_intermediate_size {shape.slot_width}",
+            )
+        misaligned = slot_alignment_refusal(fmt, shape.slot_width, shape.n_slots)
+        if misaligned:
+            raise misaligned
     except UnsupportedSharedExpertFormat as e:
+        # One table (vllm_fse.loading.formats.FORMATS) names the format and the reason.
         return _fallback(f"unsupported shared-expert weight format: {e}")
-    if shape.padding and fmt.kind is not FormatKind.UNQUANTIZED:
-        return _fallback(
-            f"the shared expert's width {shape.shared_width} is not a multiple of moe_intermediate_size "
-            f"{shape.slot_width}, and zero-padding {fmt} weights is not supported"
-        )
     refusal = _refusal(vllm_config, aiter=path is FsePath.AITER, shared_expert_name=shared_expert_name)
     if refusal:
         return _fallback(refusal)

@@ -5,15 +5,21 @@ appended routed-expert slots ``mlp.experts.{n_routed_experts + j}.*``; the model
 """
 
 from vllm_fse.loading.formats import (
+    FORMATS,
+    ROWS,
     UNQUANTIZED,
     FormatKind,
+    FormatRow,
     ScaleSplit,
     SharedExpertFormat,
     UnsupportedSharedExpertFormat,
     fp8_block,
+    format_table_markdown,
     fp8_per_tensor,
     per_channel,
+    refusal,
     shared_expert_format,
+    slot_alignment_refusal,
 )
 from vllm_fse.loading.splitter import (
     PROJECTIONS,
@@ -26,9 +32,12 @@ from vllm_fse.loading.splitter import (
 )
 
 __all__ = [
+    "FORMATS",
     "PROJECTIONS",
+    "ROWS",
     "UNQUANTIZED",
     "FormatKind",
+    "FormatRow",
     "MissingSlotWeightsError",
     "ScaleSplit",
     "SharedExpertFormat",
@@ -38,8 +47,11 @@ __all__ = [
     "SlotTracker",
     "UnsupportedSharedExpertFormat",
     "fp8_block",
+    "format_table_markdown",
     "fp8_per_tensor",
     "per_channel",
+    "refusal",
     "shared_expert_format",
+    "slot_alignment_refusal",
     "split_shared_experts",
 ]

@@ -535,8 +535,13 @@ class FusedSharedExpertsMixin:
     fse_plan: FsePlan
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        family = self.fse_family
+        model_config = vllm_config.model_config
         plan = plan_fse(
-            vllm_config, aiter_capable=self.fse_family.aiter_capable, shared_expert_name=self.fse_family.shared_expert_name
+            vllm_config,
+            aiter_capable=family.aiter_capable,
+            shared_expert_name=family.shared_expert_name,
+            moe_layers=family.moe_layer_indices(getattr(model_config, "hf_text_config", None) or model_config.hf_config),
         )
         if plan.enabled and compiled_on_cpu(vllm_config):
             # Before construction: the model's compile backend copies the Inductor options.
