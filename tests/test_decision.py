@@ -237,13 +237,7 @@ def test_replicas_widen_the_slot_range_and_default_to_one_copy(platform, monkeyp
     assert plan.shared_replicas == 3 and plan.slots == range(160, 166)
 
 
-def test_replicas_default_to_the_ep_size_only_where_placement_spreads_them(platform, monkeypatch, warnings):
-    monkeypatch.setenv("VLLM_FSE", "1")
-    assert plan_fse(_config(ep_size=8, placement="round_robin")).shared_replicas == 8
-    assert plan_fse(_config(ep_size=8, placement="linear")).shared_replicas == 1
-    monkeypatch.setenv("VLLM_FSE_SHARED_REPLICAS", "8")
-    assert plan_fse(_config(ep_size=8, placement="linear")).shared_replicas == 8
-    assert any("puts every replica on the last rank" in w for w in warnings())
+# Replica defaults and placement under expert parallelism: tests/test_replicas.py.
 
 
 def test_replicas_are_ignored_on_the_aiter_path_with_a_warning(platform, monkeypatch, warnings):

