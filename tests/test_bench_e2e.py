@@ -1,6 +1,6 @@
 """The benchmark tools end to end on the tiny model with the real vLLM server and engine: the
-sweep (one cell, both arms, then resumed), the lm-eval accuracy A/B, and the decode profile,
-all eager (CI time; FSE in vLLM's compiled mode is tested by the families' and ``auto``'s tests). These are smoke runs of the tools, not performance tests."""
+sweep (one cell, both arms, then resumed), the lm-eval accuracy A/B, the decode profile, and
+engine groups with the A/A control and the prefill profile, all eager (CI time; FSE in vLLM's compiled mode is tested by the families' and ``auto``'s tests). These are smoke runs of the tools, not performance tests."""
 
 from __future__ import annotations
 
@@ -76,3 +76,28 @@ def test_profile_sees_the_shared_expert_gemms_disappear(tmp_path: Path):
     assert data["meta"]["live_model"]["on"]["fse_path"] == "BACKEND_NEUTRAL"
     assert data["meta"]["live_model"]["off"]["fse_path"] == "OFF"
     assert "## Where a decode step goes, batch 2" in (out / "profile.md").read_text()
+
+
+def test_engine_groups_with_aa_control_and_prefill_profile_run_their_arms(tmp_path: Path):
+    out = tmp_path / "groups.json"
+    proc = _run(["engine-groups", "--preset", "tiny", "--arms", "off=0", "split=auto,VLLM_FSE_FUSED_MAX_TOKENS=0",
+                 "--aa-control", "--engines-per-arm", "1", "--decode-batch", "2", "--steps", "4",
+                 "--prefill-tokens", "64", "--prefill-rounds", "2", "--eager", "--out", str(out)])  # fmt: skip
+    assert "<- A/A control" in proc.stdout
+    data = json.loads(out.read_text())
+    assert data["build_order"] == ["off", "split", "aa"] and data["aa_control"]
+    assert [row.get("batch", row.get("prefill_tokens")) for row in data["rows"]] == [2, 64]
+    for row in data["rows"]:
+        assert set(row["ratios"]) == {"split/off", "aa/off", "aa/split"}
+        assert all(r["paired"]["ratio"] > 0 for r in row["ratios"].values())  # one engine per arm: paired steps
+        assert set(row["minor_faults_per_step"]) == {"off", "split", "aa"}
+
+    profile_dir = tmp_path / "prefill"
+    proc = _run(["profile", "--preset", "tiny", "--prefill-tokens", "128", "--arms", "off=0", "on=1",
+                 "--rounds", "1", "--eager", "--out", str(profile_dir)])  # fmt: skip
+    assert "prefill step of 128 tokens" in proc.stdout and "on - off, self CPU ms per step" in proc.stdout
+    profiled = json.loads((profile_dir / "prefill-profile.json").read_text())
+    # FSE off runs the shared expert as two dense GEMMs per MoE layer; fused, they are gone.
+    gemms = {arm: profiled["calls_per_step"][arm].get("_C::onednn_mm", 0) + profiled["calls_per_step"][arm].get("aten::mm", 0)
+             for arm in ("off", "on")}  # fmt: skip
+    assert gemms["off"] - gemms["on"] == 2 * 2  # the tiny model's 2 MoE layers

@@ -345,35 +345,95 @@ def test_crossover_routed_mode_skips_the_shared_expert_and_other_modes_restore_i
     assert slots.switch.fused_max_tokens == 8  # back to the calibrated switch point
 
 
-# -- benchmarks/engine_groups.py and benchmarks/prefill_profile.py (scripts, imported from there) ---
-
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-
-
-def _benchmark_script(name: str):
-    import importlib.util
-    import sys
-
-    sys.path.insert(0, str(BENCHMARKS))  # prefill_profile imports engine_groups as a sibling
-    try:
-        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+# -- engine-groups and the prefill profile (arms of in-process engines) ------------------------
 
 
 def test_an_arms_compilation_config_must_name_an_arm_and_be_a_json_object():
-    groups = _benchmark_script("engine_groups")
-    parsed = groups.parse_compilation_configs(['off_same={"inductor_compile_config": {"a": false}}'], ["off", "off_same"])
+    from vllm_fse.bench.engines import parse_compilation_configs
+
+    parsed = parse_compilation_configs(['off_same={"inductor_compile_config": {"a": false}}'], ["off", "off_same"])
     assert parsed == {"off_same": {"inductor_compile_config": {"a": False}}}
     for bad, said in ((["auto={}"], "NAME one of"), (["off={"], "not JSON"), (["off=[1]"], "a JSON object")):
         with pytest.raises(SystemExit, match=said):
-            groups.parse_compilation_configs(bad, ["off", "off_same"])
+            parse_compilation_configs(bad, ["off", "off_same"])
+
+
+def test_an_engine_arm_is_a_name_a_vllm_fse_value_and_its_environment():
+    import argparse
+
+    from vllm_fse.bench.engines import EngineArm, parse_engine_arm
+
+    assert parse_engine_arm("split=auto,VLLM_FSE_FUSED_MAX_TOKENS=0") == EngineArm(
+        "split", "auto", {"VLLM_FSE_FUSED_MAX_TOKENS": "0"}
+    )
+    for bad in ("off", "=0", "split=auto,VLLM_FSE_FUSED_MAX_TOKENS"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_engine_arm(bad)
+
+
+def test_prefill_lengths_split_a_step_into_as_few_even_requests_as_fit():
+    from vllm_fse.bench.engines import prefill_lengths
+
+    assert prefill_lengths(4096, 2048) == [2048, 2048]
+    assert prefill_lengths(5000, 2048) == [1667, 1667, 1666]
+    assert prefill_lengths(256, 2048) == [256]
+
+
+def test_the_aa_control_is_the_baseline_under_another_name_and_is_reported_against_it():
+    from vllm_fse.bench.engine_groups import AA, arm_pairs, row_line, summarize, with_aa_control
+    from vllm_fse.bench.engines import parse_engine_arm
+
+    arms = with_aa_control([parse_engine_arm("off=0,X=1"), parse_engine_arm("auto=auto")])
+    assert [(a.name, a.fse, a.env) for a in arms] == [("off", "0", {"X": "1"}), ("auto", "auto", {}), (AA, "0", {"X": "1"})]
+    with pytest.raises(SystemExit, match="named 'aa'"):
+        with_aa_control([parse_engine_arm("aa=0")])
+    names = [a.name for a in arms]
+    assert arm_pairs(names) == [("off", "auto"), ("off", AA), ("auto", AA)]
+    # One engine per arm, built off, auto, aa; 4 cycles. auto is 10% slower than off; aa as off.
+    off, auto, aa = [10.0, 11.0, 9.0, 10.0], [11.0, 12.1, 9.9, 11.0], [10.0, 11.0, 9.0, 10.0]
+    steps = [[(ms, 5) for ms in off], [(ms, 7) for ms in auto], [(ms, 5) for ms in aa]]
+    row = summarize(names, steps, names)
+    assert row["engine_median_ms"] == {"off": [10.0], "auto": [11.0], AA: [10.0]}
+    assert row["minor_faults_per_step"] == {"off": [5], "auto": [7], AA: [5]}
+    # With one engine per arm the group ratio has no interval; the paired one, over the cycles, has.
+    assert row["ratios"]["auto/off"]["ci"] is None
+    assert row["ratios"]["auto/off"]["paired"]["ratio"] == pytest.approx(1.1)
+    assert row["ratios"]["auto/off"]["paired"]["significant"]
+    assert row["ratios"][f"{AA}/off"]["paired"]["ratio"] == pytest.approx(1.0)
+    line = row_line("batch 1", row, "off")
+    assert "aa/off 1.000" in line and "<- A/A control" in line and "minor faults per step off 5, auto 7, aa 5" in line
+
+
+def test_engine_groups_with_several_engines_per_arm_put_their_spread_in_the_interval():
+    from vllm_fse.bench.engine_groups import summarize
+
+    names = ["off", "fused"]
+    medians = {"off": [10.0, 10.4, 9.8], "fused": [9.2, 9.5, 9.0]}
+    build = ["off", "fused"] * 3
+    steps = [[(medians[arm][i // 2], 0)] * 3 for i, arm in enumerate(build)]
+    row = summarize(build, steps, names)
+    entry = row["ratios"]["fused/off"]
+    assert "paired" not in entry and entry["ci"][0] < entry["ratio"] < entry["ci"][1] < 1.0
+    assert row["engine_spread_pct"]["off"] > 0
 
 
 def test_profiled_kernels_of_any_graph_or_cond_branch_are_one_operator():
-    profile = _benchmark_script("prefill_profile")
-    assert profile.op_key("graph_1_cpp_fused_add_mean_3") == profile.op_key("cpp_fused_add_mean_12") == "cpp_fused_add_mean_N"
-    assert profile.op_key("_C::cpu_fused_moe") == "_C::cpu_fused_moe"
+    from vllm_fse.bench.profile_prefill import op_key
+
+    assert op_key("graph_1_cpp_fused_add_mean_3") == op_key("cpp_fused_add_mean_12") == "cpp_fused_add_mean_N"
+    assert op_key("_C::cpu_fused_moe") == "_C::cpu_fused_moe"
+
+
+def test_prefill_profile_report_totals_categories_and_ranks_differences():
+    from vllm_fse.bench.profile_prefill import report_lines
+
+    per_step = {"off": {"_C::cpu_fused_moe": 10.0, "aten::mm": 5.0}, "auto": {"_C::cpu_fused_moe": 12.0, "aten::mm": 5.5}}
+    calls = {"off": {"_C::cpu_fused_moe": 5, "aten::mm": 10}, "auto": {"_C::cpu_fused_moe": 5, "aten::mm": 10}}
+    lines = report_lines(["off", "auto"], 4096, 2, {"off": [100.0], "auto": [103.0]}, {"off": [10], "auto": [30]},
+                         per_step, calls, top=5)  # fmt: skip
+    text = "\n".join(lines)
+    assert "median wall ms): off 100.0, auto 103.0" in text and "faults per step (median): off 10, auto 30" in text
+    assert "MoE experts kernel" in text and "GEMM" in text
+    diff = lines.index("auto - off, self CPU ms per step (calls per step):")
+    assert lines[diff + 1].split()[-1] == "_C::cpu_fused_moe"  # the largest difference first
+    assert "total self CPU difference: +2.5 ms per step" in text

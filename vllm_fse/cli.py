@@ -80,14 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("source", nargs="?", help="vLLM source dir (holding vllm/) or .whl; default: the installed vLLM")
     check.set_defaults(func=_check_vllm)
 
-    bench = sub.add_parser("bench", help="FSE off vs on: serving sweep, report, accuracy A/B, profile")
+    bench = sub.add_parser("bench", help="FSE off vs on: serving sweep, report, accuracy A/B, profile, engine steps, plot")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     for name, module, help_text in (
         ("sweep", "sweep", "vllm bench serve over an ISL/OSL x concurrency grid, interleaved and repeated"),
         ("report", "report", "rebuild summary.md, summary.json and deltas.png of a sweep directory"),
         ("accuracy", "accuracy", "lm-eval on both arms: per-sample equality and accuracy delta"),
-        ("profile", "profile", "where decode time goes, per MoE layer, with FSE off and on"),
+        ("profile", "profile", "where decode (or, with --prefill-tokens, prefill) time goes, per operator"),
         ("crossover", "crossover", "fused vs split (and auto) paired inside one engine, per token count"),
+        ("engine-groups", "engine_groups", "arms across several engines each in one process, with an A/A control"),
+        ("plot", "plot", "step time against FSE off per token count, from engine-groups and crossover results"),
     ):
         bench_sub.add_parser(name, help=help_text, add_help=False).set_defaults(
             func=_bench, bench_module=module

@@ -1,6 +1,6 @@
 """``vllm-fse bench crossover``: fused vs split shared experts, paired inside one engine.
 
-Between processes this machine's noise is about ±10%, far above the 1-2% at stake. Under
+Between processes the noise of a small machine is far above the few percent at stake. Under
 ``VLLM_FSE=auto`` one engine holds both paths on the same weights, and its switch point can be
 moved while it runs, so the paths are compared step against step:
 
@@ -27,20 +27,18 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
-import os
 import statistics
 import time
 from pathlib import Path
 
 from vllm_fse.bench.arms import add_model_arguments, resolve_model
+from vllm_fse.bench.engines import ALWAYS, EngineShape, Requests, build_engine, rotation
 from vllm_fse.bench.machine import command_line, describe_machine, machine_line
 from vllm_fse.bench.stats import paired_delta
 
 MODES = ("fused", "split", "auto")
 # Decode only, a measurement of the limit: the shared expert costs nothing (outputs change).
 FLOOR = "routed"
-ALWAYS = 2**62
 
 
 # -- functions run inside the worker on the live model (LLM.apply_model) ---------------------------
@@ -65,7 +63,7 @@ def set_fused_max_tokens(model, value: int | None) -> int:
 
 def set_mode(model, mode: str) -> None:
     """Run every following step as ``mode``: one of MODES, or FLOOR (each MoE layer runs its
-    routed experts only; the engine must be built with the routed branch, see _build_engine)."""
+    routed experts only; the engine must be built with the routed branch, see run)."""
     from vllm_fse.models.shared_slot_experts import BENCH_ROUTED_KEY
 
     switch = _switch(model)
@@ -120,95 +118,30 @@ def add_crossover_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also build an FSE-off engine and interleave its decode and prefill steps with the modes")
     parser.add_argument("--off-built", choices=("first", "last"), default="last",
                         help="build the FSE-off engine before or after the FSE engine (the engine built second "
-                             "runs up to ~1.6%% faster: 'last' biases x/off against FSE, 'first' in its favour)")
+                             "runs slightly faster: 'last' biases x/off against FSE, 'first' in its favour)")
     parser.add_argument("--off-compilation-config", type=json.loads, default=None, metavar="JSON",
                         help="vLLM compilation config of the FSE-off engine, e.g. the Inductor option FSE sets: "
                              "'{\"inductor_compile_config\": {\"reorder_for_peak_memory\": false}}'")
     parser.add_argument("--eager", action="store_true", help="enforce eager mode (default: vLLM's default)")
 
 
-def _build_engine(args, model: str, dtype: str | None, fse: str, compilation_config: dict | None = None,
-                  routed_branch: bool = False):  # fmt: skip
-    """``routed_branch``: compile the routed-only benchmark path (FLOOR) into the graph."""
-    from vllm import LLM
-
-    from vllm_fse.models.shared_slot_experts import BENCH_ROUTED_KEY
-
-    os.environ["VLLM_FSE"] = fse
-    # The engine core in this process: with vLLM's default background engine-core process a
-    # step() only collects outputs that process produced on its own time, and two engines' cores
-    # run at once (measured: one engine's steps took 0.04 ms while its tokens advanced).
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    # The live model is read through LLM.apply_model; two engines share the machine's memory.
-    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    max_batch = max(args.decode_batch + [math.ceil(t / args.prefill_request_len) for t in args.prefill_tokens])
-    max_tokens = max(args.prefill_tokens + [args.input_len * max(args.decode_batch), 2048])
-    total_steps = 8 + (len(MODES) + 1) * args.steps + 16
-    return LLM(
-        model=model,
-        dtype=dtype or "auto",
-        max_model_len=max(args.prefill_request_len, args.input_len + total_steps) + 16,
-        max_num_seqs=max_batch,
-        max_num_batched_tokens=max_tokens,
-        enforce_eager=args.eager,
-        enable_prefix_caching=False,
-        distributed_executor_backend="uni",
-        async_scheduling=False,  # a step() returns once its forward is done
-        seed=0,
-        **({"compilation_config": compilation_config} if compilation_config else {}),
-        **({"additional_config": {BENCH_ROUTED_KEY: True}} if routed_branch else {}),
-    )
-
-
-class _Requests:
-    """Deterministic prompt token ids and request bookkeeping on an engine."""
-
-    def __init__(self, llm) -> None:
-        self.engine = llm.llm_engine
-        self.vocab = self.engine.model_config.get_vocab_size()
-        self.count = 0
-
-    def add(self, n: int, length: int, max_tokens: int) -> list[str]:
-        from vllm import SamplingParams
-
-        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-        ids = []
-        for _ in range(n):
-            self.count += 1
-            rid = f"r{self.count}"
-            tokens = [(17 * self.count + 31 * j + 7) % (self.vocab - 16) + 16 for j in range(length)]
-            self.engine.add_request(rid, {"prompt_token_ids": tokens}, params)
-            ids.append(rid)
-        return ids
-
-    def drain(self, ids: list[str]) -> None:
-        self.engine.abort_request(ids)
-        while self.engine.has_unfinished_requests():
-            self.engine.step()
-
-    def timed_step(self) -> float:
-        t0 = time.perf_counter()
-        self.engine.step()
-        return time.perf_counter() - t0
+def _engine_shape(args) -> EngineShape:
+    return EngineShape(decode_batch=args.decode_batch, prefill_tokens=args.prefill_tokens,
+                       prefill_request_len=args.prefill_request_len, input_len=args.input_len,
+                       decode_tokens=8 + (len(MODES) + 1) * args.steps + 16, eager=args.eager)  # fmt: skip
 
 
 def _mode_value(mode: str) -> int | None:
     return {"fused": ALWAYS, "split": 0, "auto": None, FLOOR: 0}[mode]
 
 
-def _rotate(items: tuple[str, ...], k: int) -> tuple[str, ...]:
-    k %= len(items)
-    return items[k:] + items[:k]
-
-
 def decode_schedule(arms: tuple[str, ...], steps: int) -> list[tuple[str, ...]]:
     """``steps`` cycles of one step per arm, the order rotating by one each cycle (no arm always
     runs first after another engine's step or right after the switch)."""
-    return [_rotate(arms, cycle) for cycle in range(steps)]
+    return [tuple(rotation(list(arms), cycle)) for cycle in range(steps)]
 
 
-def measure_decode(llm, reqs: _Requests, args, batch: int, off_llm=None, off_reqs=None) -> dict:
+def measure_decode(llm, reqs: Requests, args, batch: int, off_llm=None, off_reqs=None) -> dict:
     """Per arm, the time of each of ``--steps`` decode steps at ``batch``; step ``i`` of every arm
     belongs to the same cycle (adjacent steps: the pairs of the ratios)."""
     arms = MODES + (FLOOR,) + (("off",) if off_llm is not None else ())
@@ -238,24 +171,16 @@ def measure_decode(llm, reqs: _Requests, args, batch: int, off_llm=None, off_req
     return per_step
 
 
-def prefill_lengths(tokens: int, request_len: int) -> list[int]:
-    """Prompt lengths of one prefill step of ``tokens`` tokens: as few requests of at most
-    ``request_len`` tokens as hold them, as even as possible."""
-    n = math.ceil(tokens / request_len)
-    return [tokens // n + (1 if i < tokens % n else 0) for i in range(n)]
-
-
-def measure_prefill(llm, reqs: _Requests, args, tokens: int, off_reqs: _Requests | None = None) -> dict:
+def measure_prefill(llm, reqs: Requests, args, tokens: int, off_reqs: Requests | None = None) -> dict:
     """Per round and arm, the time of one prefill step of ``tokens`` tokens."""
-    lengths = prefill_lengths(tokens, args.prefill_request_len)
     arms = MODES + (("off",) if off_reqs is not None else ())
     per_round: dict[str, list[float]] = {m: [] for m in arms}
     for rnd in range(args.prefill_rounds + 1):  # round 0 warms up
-        for arm in _rotate(arms, rnd):
+        for arm in rotation(list(arms), rnd):
             engine_reqs = off_reqs if arm == "off" else reqs
             if arm != "off":
                 llm.apply_model(functools.partial(set_mode, mode=arm))
-            ids = [rid for length in lengths for rid in engine_reqs.add(1, length, 1)]
+            ids = engine_reqs.add_prefill(tokens, args.prefill_request_len)
             elapsed = engine_reqs.timed_step()
             engine_reqs.drain(ids)
             if rnd:
@@ -281,16 +206,19 @@ def run(args: argparse.Namespace) -> Path:
     import gc
 
     from vllm_fse.introspect import switch_state
+    from vllm_fse.models.shared_slot_experts import BENCH_ROUTED_KEY
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model, dtype = resolve_model(args.model, args.preset, args.dtype)
-    # Of two engines in one process the one built second runs its decode steps 0.4-1.6% faster
-    # (benchmarks/engine_order_aa.py): --off-built says which way that bias goes.
-    build_off = functools.partial(_build_engine, args, model, dtype, "0", args.off_compilation_config)
+    # Of two engines in one process the one built second runs its decode steps slightly faster
+    # (the A/A control of `vllm-fse bench engine-groups`): --off-built says which way that bias goes.
+    shape = _engine_shape(args)
+    build_off = functools.partial(build_engine, shape, model, dtype, "0", args.off_compilation_config)
     off_llm = build_off() if args.confirm_off and args.off_built == "first" else None
     started = time.perf_counter()
-    llm = _build_engine(args, model, dtype, "auto", routed_branch=True)
+    # The routed-only benchmark path (FLOOR) compiled into the graph.
+    llm = build_engine(shape, model, dtype, "auto", additional_config={BENCH_ROUTED_KEY: True})
     startup_s = time.perf_counter() - started
     if args.confirm_off and args.off_built == "last":
         off_llm = build_off()
@@ -305,8 +233,8 @@ def run(args: argparse.Namespace) -> Path:
     }  # fmt: skip
     [result["layer"]] = llm.apply_model(functools.partial(time_moe_layer, sizes=args.layer_sizes, reps=args.layer_reps))
     print("MoE layer timed", flush=True)
-    reqs = _Requests(llm)
-    off_reqs = _Requests(off_llm) if off_llm is not None else None
+    reqs = Requests(llm)
+    off_reqs = Requests(off_llm) if off_llm is not None else None
     result["decode"] = {}
     for batch in args.decode_batch:
         per_round = measure_decode(llm, reqs, args, batch, off_llm, off_reqs)

@@ -1,6 +1,8 @@
-"""``vllm-fse bench profile``: where decode time goes with FSE off and on, per MoE layer.
+"""``vllm-fse bench profile``: where decode time goes with FSE off and on, per MoE layer; with
+``--prefill-tokens N``, where a prefill step's time goes in engines of any arms
+(:mod:`vllm_fse.bench.profile_prefill`).
 
-Each arm runs in its own process: an in-process vLLM engine (``LLM`` with the ``uni`` executor,
+Decode: each arm runs in its own process: an in-process vLLM engine (``LLM`` with the ``uni`` executor,
 no engine-core process) on the same model, ``B`` requests of ``ISL`` prompt tokens decoding in
 lockstep. After prefill and warm-up steps the tool
 
@@ -35,6 +37,7 @@ from vllm_fse.bench.arms import (
     parse_env,
     resolve_model,
 )
+from vllm_fse.bench.profile_prefill import add_prefill_arguments, run_prefill_profile
 
 # Operator categories (CPU build names; first match wins). vLLM's default CPU mode runs the model
 # as one compiled graph, so time is attributed per operator rather than per module: the unfused
@@ -69,9 +72,11 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile-steps", type=int, default=16, help="profiled decode steps per batch size")
     parser.add_argument("--warmup-steps", type=int, default=8, help="decode steps before timing")
     parser.add_argument("--rounds", type=int, default=3,
-                        help="alternating rounds of (off, on) child processes; timings pool over rounds")
+                        help="decode: alternating rounds of (off, on) child processes, timings pooled; "
+                             "prefill: profiled steps per arm")
     parser.add_argument("--eager", action="store_true", help="enforce eager mode (default: vLLM's default)")
     parser.add_argument("--env", type=parse_env, action="append", default=[], metavar="KEY=VALUE", help="for both arms")
+    add_prefill_arguments(parser)
 
 
 # -- child: one arm ---------------------------------------------------------------------------
@@ -304,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         result = run_child(args)
         Path(args.child).write_text(json.dumps(result, default=str))
+        return 0
+    if args.prefill_tokens:
+        print(run_prefill_profile(args))
         return 0
     print(run_profile(args).read_text())
     return 0
