@@ -32,6 +32,8 @@ def run_one(run: dict) -> dict:
 
     from vllm_fse import introspect
 
+    for setup in run.get("setup", []):  # ``module:function`` run before the engine is built
+        _probe(setup)()
     llm = LLM(**run["llm"])
     try:
         result = {probe: llm.apply_model(_probe(probe)) for probe in run.get("probes", [])}
@@ -69,7 +71,7 @@ def run_one(run: dict) -> dict:
                 for o in scored
             ]
         for probe in run.get("after_probes", []):  # the live model once generation is done
-            result[f"after:{probe}"] = llm.apply_model(getattr(introspect, probe))
+            result[f"after:{probe}"] = llm.apply_model(_probe(probe))
         for probe in run.get("after_worker_probes", []):
             result[f"after:{probe}"] = llm.collective_rpc(getattr(introspect, probe))
         if run.get("metrics"):
@@ -82,6 +84,23 @@ def run_one(run: dict) -> dict:
         gc.collect()
 
 
+def sync_plugin_registration() -> None:
+    """Registry entries as a fresh process with this run's environment would have them: vLLM
+    loads its plugins once per process, and the plugin registers its classes only when FSE is
+    asked for (``VLLM_FSE``), so a later run with other settings must register again (or put
+    vLLM's own classes back)."""
+    from vllm.plugins import load_general_plugins
+
+    import vllm_fse
+
+    load_general_plugins()  # the first run: vLLM's own plugin loading
+    allowed = os.environ.get("VLLM_PLUGINS")  # as vllm.envs parses it (read afresh: vLLM may cache envs)
+    if allowed is None or "fse" in allowed.split(","):
+        vllm_fse.register()
+    else:
+        vllm_fse.restore_vllm_classes()
+
+
 def main(request_path: str, result_path: str) -> None:
     import torch
 
@@ -91,6 +110,7 @@ def main(request_path: str, result_path: str) -> None:
         saved = {k: os.environ.get(k) for k in run.get("env", {})}
         os.environ.update(run.get("env", {}))
         try:
+            sync_plugin_registration()
             results.append(run_one(run))
         except Exception as e:  # report which run failed, keep its message for the test
             results.append({"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})

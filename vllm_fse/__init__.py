@@ -1,9 +1,9 @@
 """vllm-fse: fused shared experts (FSE) for MoE models with shared experts, as a vLLM plugin.
 
 vLLM calls :func:`register` through the ``vllm.general_plugins`` entry point ``fse`` in every
-process it starts (API server, engine core, workers), sometimes more than once. It must stay
-cheap: nothing here imports torch or a model module; vLLM imports the model lazily from the
-``"module:Class"`` strings registered below.
+process it starts (API server, engine core, workers), sometimes more than once. Unless FSE is
+asked for, it registers nothing: vLLM runs its own classes. It must stay cheap: nothing here
+imports a model module; vLLM imports the model lazily from the ``"module:Class"`` strings below.
 """
 
 from __future__ import annotations
@@ -28,19 +28,35 @@ MODEL_OVERRIDES: dict[str, str] = {
 }
 
 _reported = False
+# vLLM's registry entries the plugin replaced in this process (None: vLLM had none), to put back.
+_vllm_entries: dict[str, object] = {}
 
 
 def register() -> None:
-    """Point vLLM's model registry at the plugin's model classes.
+    """Put the plugin's model classes in vLLM's registry if FSE is asked for, else leave (or put
+    back) vLLM's own.
 
-    Re-entrant: registering again overwrites the same entries with the same strings. The
+    Asked for: ``VLLM_FSE=1`` or ``auto``, or vLLM's ``VLLM_ROCM_USE_AITER_FUSION_SHARED_EXPERTS``
+    on ROCm (:func:`vllm_fse.decision.fse_requested`). Otherwise the plugin registers nothing and
+    vLLM runs its own classes, target and draft; it only declares the plugin variables that are
+    set, so that vLLM does not call them unknown, and still refuses a bad value of one.
+
+    vLLM calls this once per process. Re-entrant: a process that builds several engines under
+    different settings (tests, benchmarks) calls it again after changing the environment. The
     outcome is logged once per process.
     """
     global _reported
     from vllm_fse.compat import declare_plugin_env_vars, logger, supported_vllm_version
+    from vllm_fse.decision import fse_requested
 
+    if not fse_requested():  # raises for a bad value of a plugin variable
+        declare_plugin_env_vars(active=False)
+        restore_vllm_classes()
+        logger.debug("vllm-fse: FSE not requested; vLLM's own model classes stay in place")
+        return
     supported, reason = supported_vllm_version()
     if not supported:
+        restore_vllm_classes()
         if not _reported:
             logger.error("vllm-fse: inactive, upstream model classes stay in place: %s", reason)
             _reported = True
@@ -49,7 +65,11 @@ def register() -> None:
     from vllm import ModelRegistry
 
     declare_plugin_env_vars()
+    if not _vllm_entries:
+        _forget_resolved_classes()
     for arch, target in MODEL_OVERRIDES.items():
+        if arch not in _vllm_entries:
+            _vllm_entries[arch] = ModelRegistry.models.get(arch)
         ModelRegistry.register_model(arch, target)
     if not _reported:
         logger.info(
@@ -58,3 +78,29 @@ def register() -> None:
             ", ".join(f"{arch} -> {target}" for arch, target in MODEL_OVERRIDES.items()),
         )
         _reported = True
+
+
+def restore_vllm_classes() -> None:
+    """Put back the registry entries :func:`register` replaced in this process (none: no-op)."""
+    if not _vllm_entries:
+        return
+    from vllm import ModelRegistry
+
+    for arch, entry in _vllm_entries.items():
+        if entry is None:
+            ModelRegistry.models.pop(arch, None)
+        else:
+            ModelRegistry.models[arch] = entry
+    _vllm_entries.clear()
+    _forget_resolved_classes()
+
+
+def _forget_resolved_classes() -> None:
+    """Drop the model classes vLLM already resolved in this process (it keeps one per model
+    path: ``_MODEL_ARCH_BY_HASH``, patch entry 11), so that a registry change reaches the next
+    engine built here. Nothing to drop before vLLM's model loader is imported."""
+    import sys
+
+    cache = getattr(sys.modules.get("vllm.model_executor.model_loader.utils"), "_MODEL_ARCH_BY_HASH", None)
+    if isinstance(cache, dict):
+        cache.clear()

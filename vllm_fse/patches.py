@@ -38,8 +38,10 @@ The list (``PATCHES``):
    ships or derives configs for widened layers.
 5. ``vllm.ModelRegistry`` entries of every architecture in ``vllm_fse.MODEL_OVERRIDES`` (GLM-4
    MoE, GLM-4.7-Flash, DeepSeek-V2/V3, Qwen2-MoE, Qwen3-Next, Qwen3.5-MoE and their MTP drafts): overwritten by the plugin's classes
-   (``vllm_fse.register``), each a subclass of the upstream class it replaces. Why: drop-in replacement, the user's request.
-   How: ``ModelRegistry.register_model``. Goes if upstream adopts backend-neutral FSE.
+   (``vllm_fse.register``), each a subclass of the upstream class it replaces, only when FSE is asked for
+   (``VLLM_FSE=1``/``auto``, or the AITER toggle on ROCm); otherwise vLLM's own entries stay (or are put back).
+   Why: drop-in replacement, the user's request. How: ``ModelRegistry.register_model``. Goes if upstream
+   adopts backend-neutral FSE.
 6. Inductor's ``reorder_for_peak_memory`` (``torch._inductor.config``), set to False in the
    model's ``compilation_config.inductor_compile_config`` when FSE runs in vLLM's compiled CPU
    mode (:func:`keep_inductor_order_of_out_variant_kernels`). Why: torch 2.13's peak-memory
@@ -62,12 +64,15 @@ The list (``PATCHES``):
    ``VLLM_`` prefix (vLLM warns about, or refuses, unknown ones), and vLLM's compile-cache key
    hashes every entry: that makes ``VLLM_FSE`` & co. part of it, and ``VLLM_FSE_SOURCE_HASH``
    (a hash of the plugin's sources, not a variable anyone sets) makes a plugin upgrade compile
-   afresh instead of reusing Inductor code of an older graph. How: ``dict.setdefault``. Goes
-   when vLLM lets plugins declare variables and compile-cache factors.
+   afresh instead of reusing Inductor code of an older graph. How: ``dict.setdefault``; with FSE
+   not asked for, only the plugin variables that are set (vLLM would call them unknown) and no
+   source hash (vLLM's compile-cache key stays its own). Goes when vLLM lets plugins declare
+   variables and compile-cache factors.
 9. ``vllm.model_executor.model_loader.utils.process_weights_after_loading``: not patched; the
-   plugin's model classes define the model-level hook it calls last
-   (``model.process_weights_after_loading()``, after every layer processed its weights for its
-   kernel). Why: only then can the split path's dense MLP be pointed at a shared slot that holds
+   plugin's model classes define the model-level hook it calls last, after every layer's quant
+   method processed its weights for its kernel (0.32/0.33: ``model.process_weights_after_loading()``
+   after that loop; 0.34: through ``weight_utils.finalize_model_weights``, every module's hook with
+   its children first, so the model's still runs last, and again after every reload). Why: only then can the split path's dense MLP be pointed at a shared slot that holds
    the same matrices (:meth:`~vllm_fse.models.shared_slot_experts.SharedSlotExperts.read_split_weights_from_slot`),
    and only then does the plan line know where those weights live. How: the mixin's method calls
    upstream's own (if the model class has one) first. Goes when the split path is gone (with 2).
@@ -84,6 +89,12 @@ The list (``PATCHES``):
     memory the same way. How: ``mallopt`` through ctypes, once per process, unless another
     allocator is loaded or the user set glibc's malloc variables. Goes when the split path is gone
     (with 2) or Inductor plans a ``cond`` branch's buffers with the outer graph's.
+11. ``vllm.model_executor.model_loader.utils._MODEL_ARCH_BY_HASH``: vLLM's per-process cache of the
+    model class it resolved for a model path, cleared when :func:`vllm_fse.register` changes the
+    registry in a process that already resolved one. Why: a process that builds several engines
+    under different ``VLLM_FSE`` settings (the test harness, the benchmarks' in-process engines)
+    would otherwise get the first engine's class for every later one. How: ``dict.clear``. Goes
+    when vLLM resolves the class afresh per engine or keys its cache by the registry entry.
 """
 
 from __future__ import annotations
@@ -161,6 +172,9 @@ PATCHES: tuple[Patch, ...] = tuple(
           "a torch.cond branch frees its intermediates on return and glibc gives them back to the OS (page faults)",
           "the split path is gone, or Inductor plans cond branches' buffers with the outer graph's",
           ("M_TRIM_THRESHOLD", "M_MMAP_THRESHOLD")),
+    Patch("vllm.model_executor.model_loader.utils", "_MODEL_ARCH_BY_HASH", "cache cleared",
+          "a registry change must reach the next engine the same process builds",
+          "vLLM resolves the model class afresh per engine"),
 )  # fmt: skip
 
 
