@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from vllm_fse.demo import add_demo_arguments
 
-    demo = sub.add_parser("demo", help="serve the tiny model with and without the plugin")
+    demo = sub.add_parser("demo", help="serve the tiny model with FSE off, on and auto; check they return the same tokens")
     add_demo_arguments(demo)
     demo.set_defaults(func=_demo)
 
