@@ -137,11 +137,14 @@ def engine_run(
     }
 
 
-def run_engines(runs: list[dict], tmp_path: Path, timeout_s: float = 1500) -> list[dict]:
+def run_engines(
+    runs: list[dict], tmp_path: Path, timeout_s: float = 1500, process_env: dict[str, str] | None = None
+) -> list[dict]:
     """Run the engines one after another in one fresh process; their results, in order.
 
     A run that raised has ``error`` (type and message) instead of outputs; the whole log is
-    in each result's ``log``.
+    in each result's ``log``. ``process_env``: variables the process must start with (a run's
+    ``env`` is set later, before its engine), e.g. ``PYTHONPATH``.
     """
     import torch
 
@@ -153,7 +156,7 @@ def run_engines(runs: list[dict], tmp_path: Path, timeout_s: float = 1500) -> li
     with open(log_path, "w") as log:
         proc = subprocess.run(
             [sys.executable, str(TESTS_DIR / "engine_child.py"), str(request_path), str(result_path)],
-            env={**os.environ, **ENGINE_ENV},
+            env={**os.environ, **ENGINE_ENV, **(process_env or {})},
             stdout=log,
             stderr=subprocess.STDOUT,
             timeout=timeout_s,

@@ -116,6 +116,9 @@ class TinyMoeSpec:
     v_head_dim: int = 32
     # Qwen: width of the gated shared expert (0: moe_intermediate_size * n_shared_experts).
     shared_expert_intermediate_size: int = 0
+    # How the checkpoint is quantized (one of QUANTIZATIONS; "" = unquantized), as the usual tools
+    # write it: see quantize_state_dict.
+    quantization: str = ""
 
     @property
     def qwen(self) -> bool:
@@ -147,9 +150,26 @@ class TinyMoeSpec:
             raise ValueError("num_experts_per_tok cannot exceed n_routed_experts")
         if self.n_shared_experts < 0:
             raise ValueError("n_shared_experts must be >= 0")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {sorted(QUANTIZATIONS)}, got {self.quantization!r}")
 
 
 LM_HEAD_EMBEDDING_SHARE = 0.4
+
+QUANTIZATIONS = {
+    "": "unquantized",
+    # llm-compressor's W8A8 INT8 scheme (compressed-tensors, int-quantized): int8 weights with one
+    # symmetric scale per output channel, activations quantized per token at run time.
+    "int8-w8a8": "compressed-tensors INT8 W8A8, per-channel weights, dynamic per-token activations",
+    # The same with the shared experts left unquantized (mixed precision, as Kimi-K2-Thinking).
+    "int8-w8a8-shared-bf16": "INT8 W8A8 routed experts, unquantized shared experts",
+    # DeepSeek-V3 / GLM-4.5 FP8: 128x128 blocks, weight_scale_inv; every linear but the experts unquantized.
+    "fp8-block": "fp8 block [128, 128] experts (routed and shared), other linears unquantized",
+    # That checkpoint dequantized to the model dtype: the reference of its loading test.
+    "fp8-block-dequantized": "fp8-block dequantized offline (no quantization_config)",
+}
+FP8_BLOCK = 128
+_QWEN_INT8_IGNORE = ["lm_head", "re:.*mlp.gate$", "re:.*mlp.shared_expert_gate$"]
 
 _TINY_DEEPSEEK_V3 = TinyMoeSpec(family="deepseek_v3", q_lora_rank=48)
 _TINY_GLM4_LITE = TinyMoeSpec(family="glm4_moe_lite", q_lora_rank=48, routed_scaling_factor=1.8)
@@ -183,6 +203,26 @@ PRESETS: dict[str, TinyMoeSpec] = {
         family="qwen3_5_moe", hidden_size=128, intermediate_size=256, num_hidden_layers=2, first_k_dense_replace=0,
         num_attention_heads=2, num_key_value_heads=1, head_dim=64, routed_scaling_factor=1.0, attention_bias=False,
         dtype="bfloat16", mtp_layers=1, shared_expert_intermediate_size=40,
+    ),  # fmt: skip
+    # Quantized checkpoints (docs/quantization.md). INT8: Qwen2-MoE with a shared expert twice as
+    # wide as a routed one (2 slots) and DeepSeek-V2 with 2 shared experts; vLLM's CPU int8 MoE
+    # kernels need hidden and intermediate sizes that are multiples of 32.
+    "tiny-qwen2-moe-int8": TinyMoeSpec(
+        family="qwen2_moe", hidden_size=128, head_dim=32, routed_scaling_factor=1.0, norm_topk_prob=False,
+        shared_expert_intermediate_size=64, dtype="bfloat16", quantization="int8-w8a8",
+    ),  # fmt: skip
+    "tiny-qwen2-moe-int8-shared-bf16": TinyMoeSpec(
+        family="qwen2_moe", hidden_size=128, head_dim=32, routed_scaling_factor=1.0, norm_topk_prob=False,
+        shared_expert_intermediate_size=64, dtype="bfloat16", quantization="int8-w8a8-shared-bf16",
+    ),  # fmt: skip
+    "tiny-deepseek-v2-int8": TinyMoeSpec(
+        family="deepseek_v2", routed_scaling_factor=16.0, norm_topk_prob=False, n_shared_experts=2,
+        dtype="bfloat16", quantization="int8-w8a8",
+    ),  # fmt: skip
+    # FP8 block [128, 128]: GLM-4 with whole blocks per slot (hidden 256, moe_intermediate 128, 2 shared).
+    "tiny-glm4-fp8": TinyMoeSpec(
+        hidden_size=256, intermediate_size=256, moe_intermediate_size=128, n_shared_experts=2, head_dim=64,
+        dtype="bfloat16", quantization="fp8-block",
     ),  # fmt: skip
     "tiny-glm4-lite": _TINY_GLM4_LITE,
     "tiny-glm4-lite-mtp": dataclasses.replace(_TINY_GLM4_LITE, mtp_layers=1),
@@ -431,7 +471,11 @@ def _hybrid_qwen_state_dict(spec: TinyMoeSpec, eos_token_id: int = 0) -> dict[st
 
 
 def build_state_dict(spec: TinyMoeSpec) -> dict[str, torch.Tensor]:
-    """All checkpoint tensors, in the order a HF checkpoint lists them."""
+    """All checkpoint tensors, in the order a HF checkpoint lists them (quantized as the spec says)."""
+    return quantize_state_dict(_float_state_dict(spec), spec)
+
+
+def _float_state_dict(spec: TinyMoeSpec) -> dict[str, torch.Tensor]:
     if spec.family in HYBRID_QWEN:
         return _hybrid_qwen_state_dict(spec)
     init = _Init(spec.seed, DTYPES[spec.dtype])
@@ -474,6 +518,103 @@ def _mtp_layer(init: _Init, spec: TinyMoeSpec, layer: int, tensors: dict) -> dic
         f"{p}.shared_head.norm.weight": init.norm(h),
         f"{p}.shared_head.head.weight": tensors["lm_head.weight"].clone(),
     }
+
+
+_NOT_LINEAR = ("embed_tokens.weight", "lm_head.weight", "norm.weight", "mlp.gate.weight", "shared_expert_gate.weight")
+
+
+def _linear_weights(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The checkpoint's linear-layer weights (the router and Qwen's shared-expert gate excluded:
+    vLLM builds both unquantized)."""
+    return [n for n, t in tensors.items() if t.dim() == 2 and n.endswith(".weight") and not n.endswith(_NOT_LINEAR)]
+
+
+def _is_expert(name: str) -> bool:
+    return any(f".mlp.{m}." in name for m in ("experts", "shared_experts", "shared_expert"))
+
+
+def _is_shared_expert(name: str) -> bool:
+    return any(f".mlp.{m}." in name for m in ("shared_experts", "shared_expert"))
+
+
+def quantize_int8_per_channel(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8, one scale per output channel (stored in ``scale_dtype``, as llm-compressor)."""
+    w = weight.float()
+    scale = (w.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=1e-8).to(scale_dtype)
+    return (w / scale.float()).round().clamp(-127, 127).to(torch.int8), scale
+
+
+def _blocks(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """A [ceil(r/b), ceil(c/b)] per-block tensor expanded to [rows, cols]."""
+    return t.repeat_interleave(FP8_BLOCK, 0).repeat_interleave(FP8_BLOCK, 1)[:rows, :cols]
+
+
+def quantize_fp8_block(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float8_e4m3fn weight and float32 ``weight_scale_inv`` per 128x128 block (DeepSeek-V3's layout)."""
+    w = weight.float()
+    rows, cols = w.shape
+    padded = torch.nn.functional.pad(w, (0, -cols % FP8_BLOCK, 0, -rows % FP8_BLOCK))
+    tiles = padded.unflatten(0, (-1, FP8_BLOCK)).unflatten(2, (-1, FP8_BLOCK))  # [R, b, C, b]
+    scale = (tiles.abs().amax(dim=(1, 3)) / torch.finfo(torch.float8_e4m3fn).max).clamp(min=1e-12)
+    return (w / _blocks(scale, rows, cols)).to(torch.float8_e4m3fn), scale
+
+
+def dequantize_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The inverse: in float32, then rounded once to ``dtype``."""
+    return (weight.float() * _blocks(scale_inv.float(), *weight.shape)).to(dtype)
+
+
+def quantize_state_dict(tensors: dict[str, torch.Tensor], spec: TinyMoeSpec) -> dict[str, torch.Tensor]:
+    """The float checkpoint in ``spec.quantization``'s format (same order; scales after their weight)."""
+    if not spec.quantization:
+        return tensors
+    out: dict[str, torch.Tensor] = {}
+    linear = set(_linear_weights(tensors))
+    dtype = DTYPES[spec.dtype]
+    for name, t in tensors.items():
+        if name not in linear:
+            out[name] = t
+        elif spec.quantization.startswith("int8"):
+            if spec.quantization == "int8-w8a8-shared-bf16" and _is_shared_expert(name):
+                out[name] = t
+                continue
+            out[name], out[name.removesuffix("weight") + "weight_scale"] = quantize_int8_per_channel(t, dtype)
+        elif not _is_expert(name):
+            out[name] = t
+        else:
+            weight, scale = quantize_fp8_block(t)
+            if spec.quantization == "fp8-block-dequantized":
+                out[name] = dequantize_fp8_block(weight, scale, dtype)
+            else:
+                out[name], out[name + "_scale_inv"] = weight, scale
+    return out
+
+
+def quantization_config(spec: TinyMoeSpec) -> dict | None:
+    """``quantization_config`` of config.json, as llm-compressor / DeepSeek's FP8 release write it."""
+    if spec.quantization.startswith("int8"):
+        ignore = list(_QWEN_INT8_IGNORE) if spec.qwen else ["lm_head", "re:.*mlp.gate$"]
+        if spec.quantization == "int8-w8a8-shared-bf16":
+            ignore.append(f"re:.*mlp\\.{'shared_expert' if spec.qwen else 'shared_experts'}\\..*")
+        scheme = {
+            "targets": ["Linear"],
+            "format": "int-quantized",
+            "weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "dynamic": False,
+                        "group_size": None, "block_structure": None, "actorder": None, "observer": "minmax"},
+            "input_activations": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token",
+                                  "dynamic": True, "group_size": None, "block_structure": None, "actorder": None,
+                                  "observer": None},
+            "output_activations": None,
+        }  # fmt: skip
+        return {"quant_method": "compressed-tensors", "format": "int-quantized", "quantization_status": "compressed",
+                "config_groups": {"group_0": scheme}, "ignore": ignore, "kv_cache_scheme": None}  # fmt: skip
+    if spec.quantization == "fp8-block":
+        # Module names of every linear that stays unquantized (vLLM matches fp8 skip lists exactly).
+        ignored = sorted({n.removesuffix(".weight") for n in _linear_weights(_float_state_dict(spec)) if not _is_expert(n)})
+        ignored += [f"model.layers.{i}.mlp.gate" for i in range(spec.first_k_dense_replace, spec.num_hidden_layers)]
+        return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                "weight_block_size": [FP8_BLOCK, FP8_BLOCK], "ignored_layers": ["lm_head", *ignored]}  # fmt: skip
+    return None
 
 
 def _qwen_config(spec: TinyMoeSpec, eos_token_id: int) -> dict:
@@ -524,6 +665,14 @@ def _qwen_config(spec: TinyMoeSpec, eos_token_id: int) -> dict:
 
 def hf_config(spec: TinyMoeSpec, eos_token_id: int) -> dict:
     """config.json as the family's models ship it, with the tiny sizes."""
+    config = _family_config(spec, eos_token_id)
+    quantization = quantization_config(spec)
+    if quantization is not None:
+        config["quantization_config"] = quantization
+    return config
+
+
+def _family_config(spec: TinyMoeSpec, eos_token_id: int) -> dict:
     if spec.qwen:
         return _qwen_config(spec, eos_token_id)
     arch, _, model_type = FAMILIES[spec.family]
@@ -586,8 +735,9 @@ def hf_config(spec: TinyMoeSpec, eos_token_id: int) -> dict:
 
 def spec_fingerprint(spec: TinyMoeSpec) -> str:
     fields = dataclasses.asdict(spec)
-    if not spec.shared_expert_intermediate_size:  # a later field: older checkpoints keep their names
-        del fields["shared_expert_intermediate_size"]
+    for later in ("shared_expert_intermediate_size", "quantization"):  # older checkpoints keep their names
+        if not fields[later]:
+            del fields[later]
     if spec.family == "glm4_moe":
         # Fields a GLM-4 MoE checkpoint does not use leave its fingerprint as it always was.
         for name in ("family", *_MLA_FIELDS):
