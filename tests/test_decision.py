@@ -345,3 +345,100 @@ def test_aiter_takes_a_qwen_model_only_where_upstream_fuses_it(platform, monkeyp
     assert plan.path.name == path
     if path == "OFF":
         assert "AITER fused-shared-expert path does not cover this model" in plan.reason
+
+
+# -- vLLM 0.34 (issue 27): what the plan refuses, and the AITER path's per-layer rule ------------------
+
+FP8_BLOCK = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+
+
+@pytest.mark.parametrize(
+    ("setting", "reason"),
+    [
+        ({"quant_config": SimpleNamespace(online_quantization_config=object())}, "online_quantization_config"),
+        ({"VLLM_FP8_MOE_REQUANT": "mxfp4"}, "VLLM_FP8_MOE_REQUANT=mxfp4 requantizes the routed experts"),
+        ({"VLLM_RELOAD_MODE": "direct"}, "VLLM_RELOAD_MODE=direct (in-place weight reload) is not supported"),
+    ],
+    ids=["online-quantization", "fp8-moe-requant", "direct-reload"],
+)
+def test_vllm_0_34_settings_the_slots_do_not_follow_fall_back_at_plan_time(platform, monkeypatch, warnings, setting, reason):
+    monkeypatch.setenv("VLLM_FSE", "1")
+    quant_config = setting.pop("quant_config", object())
+    for name, value in setting.items():
+        monkeypatch.setenv(name, value)
+    plan = plan_fse(_config(quantization_config=FP8_BLOCK, quant_config=quant_config))
+    assert plan.path is FsePath.OFF and reason in plan.reason
+    (warning,) = warnings()
+    assert reason in warning
+
+
+@pytest.mark.parametrize("setting", [{"VLLM_FP8_MOE_REQUANT": "none"}, {"VLLM_RELOAD_MODE": "layerwise"}])
+def test_vllm_0_34_defaults_keep_fse_on(platform, monkeypatch, setting):
+    monkeypatch.setenv("VLLM_FSE", "1")
+    for name, value in setting.items():
+        monkeypatch.setenv(name, value)
+    assert plan_fse(_config(quantization_config=FP8_BLOCK, quant_config=object())).path is FsePath.BACKEND_NEUTRAL
+
+
+@pytest.fixture
+def aiter_refuses(monkeypatch, platform):
+    """The AITER path, with upstream's quantization rule refusing the given MoE layers."""
+    from vllm.model_executor.layers.quantization.utils import config_utils
+
+    platform(rocm=True, aiter_moe=True, aiter_fse=True)
+
+    def refuse(layers):
+        def rule(quant_config, experts_prefix, shared_prefix, **kwargs):
+            layer = int(experts_prefix.split(".")[2])
+            return (False, f"{shared_prefix} is unquantized") if layer in layers else (True, None)
+
+        monkeypatch.setattr(config_utils, "is_shared_expert_quant_fse_compatible", rule)
+
+    return refuse
+
+
+def test_aiter_fuses_every_moe_layer_its_per_layer_rule_allows(aiter_refuses):
+    aiter_refuses(set())
+    assert plan_fse(_config(quantization_config=FP8_BLOCK, quant_config=object())).path is FsePath.AITER
+
+
+def test_aiter_refusing_every_layer_falls_back(aiter_refuses, warnings):
+    aiter_refuses({0, 1, 2, 3})
+    plan = plan_fse(_config(quantization_config=FP8_BLOCK, quant_config=object()))
+    assert plan.path is FsePath.OFF and not plan.upstream_decides
+    assert "AITER cannot fuse this checkpoint's shared experts: model.layers." in plan.reason
+
+
+def test_aiter_refusing_a_later_layer_is_not_missed_by_a_layer_0_check(aiter_refuses, warnings):
+    """vLLM 0.32/0.33 refuse mixed layers: the plugin then fuses none (it used to ask layer 0 only)."""
+    aiter_refuses({2})
+    plan = plan_fse(_config(quantization_config=FP8_BLOCK, quant_config=object()))
+    assert plan.path is FsePath.OFF and not plan.upstream_decides
+    assert "MoE layers [0, 1, 3] but not of [2]" in plan.reason and "all MoE layers or none" in plan.reason
+
+
+def test_aiter_mixed_layers_are_left_to_vllms_per_layer_fusion_on_0_34(aiter_refuses, monkeypatch, warnings):
+    aiter_refuses({2})
+    monkeypatch.setattr(decision, "_vllm_fuses_per_layer", lambda: True)  # 0.34's get_fused_shared_expert_layers
+    plan = plan_fse(_config(quantization_config=FP8_BLOCK, quant_config=object()))
+    assert plan.path is FsePath.OFF and plan.upstream_decides
+    assert "left to vLLM's per-layer AITER fusion" in plan.reason
+
+
+def test_a_plan_left_to_vllm_swaps_nothing_during_construction(monkeypatch):
+    import sys
+    import types
+
+    from vllm_fse.models.fused_shared_experts import MoeFamily, moe_construction
+
+    upstream = types.ModuleType("fake_family")
+    upstream.resolve_layer_fused_shared_expert = resolve = lambda quant_config, prefix: "upstream's answer"
+    upstream.FusedMoEFactory = factory = object()
+    monkeypatch.setitem(sys.modules, upstream.__name__, upstream)
+    family = MoeFamily("fake", upstream.__name__, "Block", lambda **kw: None)
+    for left_to_vllm, answer in ((True, "upstream's answer"), (False, False)):
+        plan = decision.FsePlan(FsePath.OFF, "test", upstream_decides=left_to_vllm)
+        with moe_construction(family, plan, None):
+            assert upstream.resolve_layer_fused_shared_expert(None, "model.layers.2.mlp") == answer
+            assert upstream.FusedMoEFactory is factory
+        assert upstream.resolve_layer_fused_shared_expert is resolve

@@ -16,9 +16,11 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from vllm_fse import MODEL_OVERRIDES, patches
 from vllm_fse.patches import PATCHES
+from vllm_fse.compat import vllm_model_class
 from vllm_fse.vllm_compat import older_than
 
 pytestmark = pytest.mark.unit
@@ -84,11 +86,9 @@ def test_registry_overrides_are_listed_and_subclass_the_upstream_class_they_repl
         "Qwen2MoeForCausalLM", "Qwen3NextForCausalLM", "Qwen3NextMTP", *NEEDS_TORCHVISION,
     }  # fmt: skip
     for arch, cls in _override_classes():
-        module, name = ModelRegistry.models[arch].module_name, ModelRegistry.models[arch].class_name
-        if module.startswith("vllm_fse."):  # registered by the plugin in this process already
-            continue
-        upstream = getattr(importlib.import_module(module), name)
-        assert issubclass(cls, upstream), f"{cls.__name__} does not subclass upstream {arch} ({module}.{name})"
+        upstream = vllm_model_class(arch)  # vLLM's own registry table, whatever is registered now
+        assert issubclass(cls, upstream), f"{cls.__name__} does not subclass upstream {arch} ({upstream})"
+        assert ModelRegistry.models[arch].module_name.startswith("vllm.")  # FSE not asked for here: vLLM's own
 
 
 def test_every_family_block_reads_the_swapped_names_and_its_split_mlp_builds():
@@ -180,15 +180,54 @@ def test_the_plugins_sources_are_part_of_vllms_compile_cache_key(tmp_path):
     assert source_hash(tmp_path) != before
 
 
-def test_vllms_loader_calls_the_model_level_hook_after_every_layer():
-    # Entry 9: the split MLP can read a shared slot only once both are in their kernels' format.
+def test_vllms_loader_runs_the_model_level_hook_once_after_every_layers_quant_method():
+    """Entry 9: the split MLP can read a shared slot only once both are in their kernels' format.
+    Run through the installed vLLM's own loader: 0.32/0.33 call ``model.process_weights_after_loading()``
+    after the quant-method loop; 0.34 runs every module's hook children first
+    (``finalize_model_weights``), after that loop too."""
+    from types import SimpleNamespace
+
+    import torch
+    from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBase
     from vllm.model_executor.model_loader import utils
 
-    source = inspect.getsource(utils.process_weights_after_loading)
-    layers, hook = source.find("quant_method.process_weights_after_loading(module)"), source.find(
-        "model.process_weights_after_loading()"
-    )
-    assert 0 <= layers < hook, "vLLM's loader no longer calls model.process_weights_after_loading() last"
+    calls = []
+
+    class Method(QuantizeMethodBase):
+        def create_weights(self, *args, **kwargs): ...
+
+        def apply(self, *args, **kwargs): ...
+
+        def process_weights_after_loading(self, layer):
+            calls.append(f"quant {layer.tag}")
+
+    class Layer(torch.nn.Module):
+        def __init__(self, tag):
+            super().__init__()
+            self.tag, self.quant_method = tag, Method()
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.experts = Layer("experts")
+
+        def process_weights_after_loading(self):
+            calls.append("block hook")
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.block, self.head = Layer("first"), Block(), Layer("head")
+
+        def process_weights_after_loading(self):
+            calls.append("model hook")
+
+    config = SimpleNamespace(word_embeddings_untied_by_checkpoint=False, dtype=torch.float32, quantization=None)
+    utils.process_weights_after_loading(Model(), config, torch.device("cpu"))
+    assert calls.count("model hook") == 1 and calls[-1] == "model hook", calls
+    assert {c for c in calls if c.startswith("quant")} == {"quant first", "quant experts", "quant head"}
+    # Children first where vLLM runs the children's hooks at all (0.34), never after the model's.
+    assert calls.count("block hook") <= 1
 
 
 # Entry 10, in a fresh process each (the setting is process-wide and once per process): three
@@ -236,3 +275,116 @@ def test_a_users_own_glibc_malloc_settings_are_left_alone():
     assert _churn("keep", MALLOC_TRIM_THRESHOLD_="1048576")["state"] == "left to the user's MALLOC_TRIM_THRESHOLD_"
     tuned = _churn("keep", GLIBC_TUNABLES="glibc.malloc.trim_threshold=1048576")
     assert tuned["state"] == "left to the user's GLIBC_TUNABLES"
+
+
+def test_the_qwen3_5_classes_subclass_what_vllms_registry_resolves_to(monkeypatch):
+    """R1: vLLM 0.34 resolves Qwen3.5-MoE to ``vllm.models.qwen3_5`` (NVIDIA's implementation on
+    CUDA). That registry cannot run here: a fake module under 0.34's name stands in for it."""
+    import sys
+    import types
+
+    from vllm.model_executor.models import registry
+
+    fake = types.ModuleType("vllm.models.qwen3_5")
+    for name in ("Qwen3_5MoeForCausalLM", "Qwen3_5MoeForConditionalGeneration", "Qwen3_5MoeMTP"):
+        setattr(fake, name, type(name, (torch.nn.Module,), {"__module__": fake.__name__}))
+        monkeypatch.setitem(registry._VLLM_MODELS, name, ("vllm.models.qwen3_5", name))
+    monkeypatch.setitem(sys.modules, fake.__name__, fake)
+    monkeypatch.delitem(sys.modules, "vllm_fse.models.qwen3_5_moe", raising=False)
+    try:
+        plugin = importlib.import_module("vllm_fse.models.qwen3_5_moe")
+        assert plugin.FseQwen3_5MoeForCausalLM.__mro__[2] is fake.Qwen3_5MoeForCausalLM
+        assert issubclass(plugin.FseQwen3_5MoeForConditionalGeneration, fake.Qwen3_5MoeForConditionalGeneration)
+        assert issubclass(plugin.FseQwen3_5MoeMTP, fake.Qwen3_5MoeMTP)
+    finally:
+        sys.modules.pop("vllm_fse.models.qwen3_5_moe", None)  # the next import resolves the real classes
+
+
+def test_the_widened_layers_down_projection_config_falls_back_too(monkeypatch, tmp_path):
+    """R4: vLLM 0.34 asks ``get_moe_configs(..., down_moe=True)`` for ``*_down.json``, from
+    ``fused_moe/experts/triton_moe.py``, which imported the function by name. 0.34 cannot run
+    here: its lookup (file name, ``_down`` suffix, user folder first) and that importer are faked."""
+    import sys
+    import types
+
+    from vllm.model_executor.layers.fused_moe import fused_moe
+
+    monkeypatch.setattr(fused_moe, "get_device_name_as_file_name", lambda: "NVIDIA_H200")
+    monkeypatch.setenv("VLLM_TUNED_CONFIG_FOLDER", str(tmp_path))
+    routed = fused_moe.get_config_file_name(160, 192, "fp8_w8a8", [128, 128])
+    (tmp_path / routed).write_text(json.dumps({"1": {"BLOCK_SIZE_M": 16}}))
+    (tmp_path / routed.replace(".json", "_down.json")).write_text(json.dumps({"1": {"BLOCK_SIZE_M": 64}}))
+
+    def get_moe_configs_034(E, N, dtype, block_n=None, block_k=None, down_moe=False):
+        name = fused_moe.get_config_file_name(E, N, dtype, [block_n, block_k] if block_n and block_k else None)
+        path = tmp_path / (name.removesuffix(".json") + "_down.json" if down_moe else name)
+        return {int(k): v for k, v in json.loads(path.read_text()).items()} if path.exists() else None
+
+    triton_moe = types.ModuleType(patches.MOE_CONFIGS_IMPORTED_BY[0])
+    triton_moe.get_moe_configs = get_moe_configs_034  # `from ...fused_moe import get_moe_configs`
+    monkeypatch.setitem(sys.modules, triton_moe.__name__, triton_moe)
+    monkeypatch.setattr(fused_moe, "get_moe_configs", get_moe_configs_034)
+    monkeypatch.setattr(patches, "_widened_experts", {})
+    patches.resolve_widened_moe_configs(161, 160)
+    wrapped = fused_moe.get_moe_configs
+    assert triton_moe.get_moe_configs is wrapped and wrapped.wrapped is get_moe_configs_034
+    assert wrapped(161, 192, "fp8_w8a8", 128, 128) == {1: {"BLOCK_SIZE_M": 16}}
+    assert wrapped(161, 192, "fp8_w8a8", 128, 128, down_moe=True) == {1: {"BLOCK_SIZE_M": 64}}
+    # A widened layer's own file wins; other expert counts are untouched.
+    (tmp_path / fused_moe.get_config_file_name(161, 192, "fp8_w8a8", [128, 128]).replace(".json", "_down.json")).write_text(
+        json.dumps({"1": {"BLOCK_SIZE_M": 128}})
+    )
+    wrapped.cache_clear()
+    assert wrapped(161, 192, "fp8_w8a8", 128, 128, down_moe=True) == {1: {"BLOCK_SIZE_M": 128}}
+    assert wrapped(257, 192, "fp8_w8a8", 128, 128, down_moe=True) is None
+
+
+def test_the_glm_mtp_draft_is_compiled_only_where_vllm_compiles_mtp_drafters(monkeypatch):
+    """R6: a drafter compiled once (guards dropped) that picks its MTP module per step would run
+    the first-traced module at every step; vLLM 0.34 compiles its MTP drafters only under
+    ``should_torch_compile_mtp_drafter``. The plugin's GLM draft follows that rule."""
+    from types import SimpleNamespace
+
+    from vllm.model_executor.models import qwen3_next_mtp
+
+    from vllm_fse.models import glm4_moe_mtp
+
+    enable_if = inspect.getclosurevars(glm4_moe_mtp.CompiledGlm4MoeMTP.__init__).nonlocals["enable_if"]
+    assert enable_if is glm4_moe_mtp.compile_mtp_draft
+
+    def config(multi_module):
+        spec = None if multi_module is None else SimpleNamespace(use_multi_module_mtp=lambda: multi_module)
+        return SimpleNamespace(speculative_config=spec)
+
+    for rule in ("0.32/0.33", "0.34"):
+        if rule == "0.34":  # upstream's own rule, as 0.34 defines it
+            monkeypatch.setattr(qwen3_next_mtp, "should_torch_compile_mtp_drafter",
+                                lambda c: c.speculative_config is None or not c.speculative_config.use_multi_module_mtp(),
+                                raising=False)  # fmt: skip
+        assert glm4_moe_mtp.compile_mtp_draft(config(None)) is True, rule
+        assert glm4_moe_mtp.compile_mtp_draft(config(False)) is True, rule
+        assert glm4_moe_mtp.compile_mtp_draft(config(True)) is False, rule
+
+
+def test_vllms_aiter_line_is_dropped_while_a_backend_neutral_model_is_built():
+    """Entry 12 (R5): vLLM 0.34 logs "AITER fused shared experts: enabled on ..." for any model
+    whose blocks fuse, which the plugin's do on every platform."""
+    import logging
+
+    seen = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    upstream = logging.getLogger("vllm.model_executor.models.utils")
+    handler = Collect()
+    upstream.addHandler(handler)
+    try:
+        with patches.no_aiter_fse_line():
+            upstream.warning("AITER fused shared experts: enabled on MoE layer(s) %s; disabled on %s.", [1, 2], "none")
+            upstream.warning("another line")
+        upstream.warning("AITER fused shared experts: enabled on MoE layer(s) [3]; disabled on none.")
+    finally:
+        upstream.removeHandler(handler)
+    assert seen == ["another line", "AITER fused shared experts: enabled on MoE layer(s) [3]; disabled on none."]

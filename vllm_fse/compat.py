@@ -64,6 +64,19 @@ def declare_plugin_env_vars(active: bool = True) -> None:
         envs.environment_variables.setdefault(SOURCE_HASH_FACTOR, functools.cache(source_hash))
 
 
+def vllm_model_class(arch: str) -> type:
+    """The class vLLM's own registry table resolves ``arch`` to in this process (on this platform),
+    whatever another registration put in its place. For an architecture whose module moves between
+    releases or differs by platform (Qwen3.5 on 0.34: ``vllm.models.qwen3_5``, NVIDIA's
+    implementation on CUDA), a plugin class subclasses what vLLM itself would run."""
+    import importlib
+
+    from vllm.model_executor.models.registry import _VLLM_MODELS, _resolve_module_name
+
+    module, name = _VLLM_MODELS[arch]
+    return getattr(importlib.import_module(_resolve_module_name(module)), name)
+
+
 def is_supported_version(version: str) -> bool:
     """True for any 0.32.x, 0.33.x or 0.34.x release, including rc/dev/local builds of them."""
     try:

@@ -111,6 +111,9 @@ class FsePlan:
     # Copies of each shared expert (VLLM_FSE_SHARED_REPLICAS); a token uses one of them.
     shared_replicas: int = 1
     shape: SharedExpertShape | None = None
+    # Off for the plugin, which then changes nothing in construction or loading: vLLM decides
+    # itself (its per-layer AITER fusion on 0.34).
+    upstream_decides: bool = False
     # Expert parallelism: ranks, and the placement vLLM will really use for the layers.
     ep_size: int = 1
     placement: str = "linear"
@@ -244,7 +247,37 @@ def _expert_substitution(vllm_config) -> bool:
     return get_expert_substitution_spec(vllm_config.model_config) is not None
 
 
-def _refusal(vllm_config, aiter: bool, shared_expert_name: str = "shared_experts") -> str | None:
+# vLLM 0.34's: block-FP8 routed experts requantized to MXFP4 after loading.
+FP8_MOE_REQUANT_ENV = "VLLM_FP8_MOE_REQUANT"
+# vLLM 0.34's: ``direct`` reloads weights in place, laid out as recorded before post-load processing.
+RELOAD_MODE_ENV = "VLLM_RELOAD_MODE"
+
+
+def _aiter_refused_layers(quant_config, shared_expert_name: str, moe_layers) -> dict[int, str]:
+    """MoE layer -> why not, for the layers whose shared experts upstream's per-layer rule
+    (``resolve_layer_fused_shared_expert``: the quantization config must let AITER fuse them)
+    refuses to fuse."""
+    from vllm.model_executor.layers.quantization.utils.config_utils import (
+        is_shared_expert_quant_fse_compatible,
+    )
+
+    refused = {}
+    for layer in sorted(moe_layers):
+        prefix = f"model.layers.{layer}.mlp"
+        ok, why = is_shared_expert_quant_fse_compatible(quant_config, f"{prefix}.experts", f"{prefix}.{shared_expert_name}")
+        if not ok:
+            refused[layer] = str(why)
+    return refused
+
+
+def _vllm_fuses_per_layer() -> bool:
+    """vLLM >= 0.34 fuses shared experts per layer on AITER (0.32/0.33 refuse mixed layers)."""
+    from vllm.model_executor.models import utils
+
+    return hasattr(utils, "get_fused_shared_expert_layers")
+
+
+def _refusal(vllm_config) -> str | None:
     """Why FSE cannot run in this configuration, or None."""
     if _expert_substitution(vllm_config):
         # It allocates only the retained experts' rows and rewrites the routes in place before
@@ -268,16 +301,24 @@ def _refusal(vllm_config, aiter: bool, shared_expert_name: str = "shared_experts
             f"online quantization ({vllm_config.model_config.quantization}) of an unquantized "
             "checkpoint is not supported"
         )
-    if aiter and vllm_config.quant_config is not None:
-        from vllm.model_executor.layers.quantization.utils.config_utils import (
-            is_shared_expert_quant_fse_compatible,
+    if getattr(vllm_config.quant_config, "online_quantization_config", None) is not None:
+        # Layers quantized online after loading (vLLM 0.34 also its own fused shared experts, through
+        # OnlineSharedExpertLoader); the plugin fills its slots with the checkpoint's tensors as stored.
+        return (
+            "the quantization config quantizes layers online (online_quantization_config, from "
+            "--quantization-config on a quantized checkpoint), which the shared slots do not follow"
         )
-
-        ok, why = is_shared_expert_quant_fse_compatible(
-            vllm_config.quant_config, "model.layers.0.mlp.experts", f"model.layers.0.mlp.{shared_expert_name}"
+    requant = os.environ.get(FP8_MOE_REQUANT_ENV, "none").strip().lower()
+    if requant not in ("", "none"):
+        return (
+            f"{FP8_MOE_REQUANT_ENV}={requant} requantizes the routed experts after loading; the shared "
+            "slots would be requantized with them, which is untested"
         )
-        if not ok:
-            return f"AITER cannot fuse this checkpoint's shared experts: {why}"
+    if os.environ.get(RELOAD_MODE_ENV, "").strip().lower() == "direct":
+        # It views every tensor back to its pre-processing layout and loads in place; the split
+        # path's dense MLP is a view of a slot's storage after processing, and no direct reload of
+        # the plugin's slots could be run here (vLLM 0.34 only).
+        return f"{RELOAD_MODE_ENV}=direct (in-place weight reload) is not supported"
     return None
 
 
@@ -355,9 +396,21 @@ def plan_fse(
     except UnsupportedSharedExpertFormat as e:
         # One table (vllm_fse.loading.formats.FORMATS) names the format and the reason.
         return _fallback(f"unsupported shared-expert weight format: {e}")
-    refusal = _refusal(vllm_config, aiter=path is FsePath.AITER, shared_expert_name=shared_expert_name)
+    refusal = _refusal(vllm_config)
     if refusal:
         return _fallback(refusal)
+    if path is FsePath.AITER and vllm_config.quant_config is not None:
+        refused = _aiter_refused_layers(vllm_config.quant_config, shared_expert_name, moe_layers)
+        why = "; ".join(sorted(set(refused.values())))
+        if len(refused) == len(moe_layers):
+            return _fallback(f"AITER cannot fuse this checkpoint's shared experts: {why}")
+        if refused:
+            mixed = (f"AITER can fuse the shared experts of MoE layers {sorted(set(moe_layers) - set(refused))} "
+                     f"but not of {sorted(refused)} ({why})")  # fmt: skip
+            if not _vllm_fuses_per_layer():
+                return _fallback(f"{mixed}, and this vLLM fuses all MoE layers or none")
+            logger.warning_once("vllm-fse: %s: left to vLLM's own per-layer AITER fusion", mixed)
+            return FsePlan(FsePath.OFF, f"{mixed}: left to vLLM's per-layer AITER fusion", upstream_decides=True)
     switch = FseSwitch.ALWAYS_FUSED
     if requested == "auto":
         if path is FsePath.AITER:

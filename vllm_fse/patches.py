@@ -34,8 +34,11 @@ The list (``PATCHES``):
    layer exists (:func:`resolve_widened_moe_configs`). Why: vLLM's Triton MoE looks up tuned
    kernel configs by file name ``E=<experts>,N=...``; no file exists for the widened
    ``E = n_routed + n_shared`` (161 for GLM-4.x), so it would run untuned. How: a widened ``E``
-   without a file of its own resolves to the routed layer's file, logged once. Goes when vLLM
-   ships or derives configs for widened layers.
+   without a file of its own resolves to the routed layer's file, logged once; vLLM 0.34's
+   ``down_moe=True`` (the down projection's ``*_down.json``) is accepted and forwarded, and falls
+   back the same way. 0.34's ``fused_moe/experts/triton_moe.py`` imports the function by name: the
+   wrapper is bound there too (``MOE_CONFIGS_IMPORTED_BY``; ``vllm-fse check-vllm`` names any other
+   module that imports it). Goes when vLLM ships or derives configs for widened layers.
 5. ``vllm.ModelRegistry`` entries of every architecture in ``vllm_fse.MODEL_OVERRIDES`` (GLM-4
    MoE, GLM-4.7-Flash, DeepSeek-V2/V3, Qwen2-MoE, Qwen3-Next, Qwen3.5-MoE and their MTP drafts): overwritten by the plugin's classes
    (``vllm_fse.register``), each a subclass of the upstream class it replaces, only when FSE is asked for
@@ -95,14 +98,24 @@ The list (``PATCHES``):
     under different ``VLLM_FSE`` settings (the test harness, the benchmarks' in-process engines)
     would otherwise get the first engine's class for every later one. How: ``dict.clear``. Goes
     when vLLM resolves the class afresh per engine or keys its cache by the registry entry.
+12. The INFO line "AITER fused shared experts: enabled on MoE layer(s) ..." of vLLM 0.34's
+    ``vllm.model_executor.models.utils.get_fused_shared_expert_layers``: dropped by a logging
+    filter on that module's logger while a model is built on the backend-neutral path
+    (:func:`no_aiter_fse_line`). Why: the model asks whether its blocks fuse their shared experts,
+    which the plugin's blocks do on every platform, so the line would claim AITER on CPU or CUDA;
+    the plugin's own plan line says what runs. How: ``logging.Filter``, removed after construction.
+    Goes when vLLM words the line by backend.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
+import logging
 import os
 import platform
+import sys
 from dataclasses import dataclass
 
 from vllm_fse.compat import logger
@@ -119,6 +132,11 @@ class Patch:
     params: tuple[str, ...] = ()
     # The first vLLM version that has the target (older ones lack it; the plugin checks).
     since_vllm: str = ""
+    # A wrapped callable: the parameters the wrapper accepts beyond ``params`` (a parameter of
+    # the target outside both is one the wrapper would drop).
+    wrapper_params: tuple[str, ...] = ()
+    # A wrapped callable: the modules that import it by name, where the wrapper is bound too.
+    imported_by: tuple[str, ...] = ()
 
 
 # A target that is not a Python name: a setting of the process's C library (checked through ctypes).
@@ -132,6 +150,10 @@ _HANDOVER_MODULES = ("vllm.model_executor.models.qwen2_moe",)
 _FACTORY_PARAMS = ("num_experts", "top_k", "router", "n_shared_experts", "fuse_shared_experts", "shared_expert_prefix",
                    "routed_scaling_factor", "apply_routed_scale_to_output", "hidden_size", "intermediate_size",
                    "shared_experts", "shared_expert_gate", "gate")  # fmt: skip
+
+# Modules that import ``get_moe_configs`` by name (their own reference must be the wrapper too).
+MOE_CONFIGS_IMPORTED_BY = ("vllm.model_executor.layers.fused_moe.experts.triton_moe",)  # vLLM 0.34
+
 
 PATCHES: tuple[Patch, ...] = tuple(
     patch
@@ -151,7 +173,8 @@ PATCHES: tuple[Patch, ...] = tuple(
           ("x", "topk_weights", "topk_ids", "shared_experts", "shared_experts_input")),
     Patch("vllm.model_executor.layers.fused_moe.fused_moe", "get_moe_configs", "wrap",
           "tuned Triton configs for the widened expert count", "vLLM ships configs for widened layers",
-          ("E", "N", "dtype", "block_n", "block_k")),
+          ("E", "N", "dtype", "block_n", "block_k"), wrapper_params=("down_moe",),
+          imported_by=MOE_CONFIGS_IMPORTED_BY),
     Patch("vllm", "ModelRegistry.register_model", "registry entry",
           "drop-in replacement of the supported families' classes", "upstream adopts backend-neutral FSE",
           ("model_arch", "model_cls")),
@@ -175,6 +198,9 @@ PATCHES: tuple[Patch, ...] = tuple(
     Patch("vllm.model_executor.model_loader.utils", "_MODEL_ARCH_BY_HASH", "cache cleared",
           "a registry change must reach the next engine the same process builds",
           "vLLM resolves the model class afresh per engine"),
+    Patch("vllm.model_executor.models.utils", "get_fused_shared_expert_layers", "log line filtered",
+          "its 'AITER fused shared experts' line would claim AITER on every platform",
+          "vLLM words the line by backend", since_vllm="0.34"),
 )  # fmt: skip
 
 
@@ -203,24 +229,59 @@ def resolve_widened_moe_configs(widened: int, routed: int) -> None:
     real = fused_moe.get_moe_configs
 
     @functools.lru_cache  # called per kernel launch, like the lru-cached original
-    def get_moe_configs(E: int, N: int, dtype: str | None, block_n: int | None = None, block_k: int | None = None):
+    def get_moe_configs(
+        E: int, N: int, dtype: str | None, block_n: int | None = None, block_k: int | None = None, down_moe: bool = False
+    ):
+        # down_moe (vLLM 0.34): the down projection's own tuned file, "<name>_down.json".
+        extra = {"down_moe": True} if down_moe else {}
         routed_e = _widened_experts.get(E)
         if routed_e is not None:
             block_shape = [block_n, block_k] if block_n and block_k else None
-            own = fused_moe.get_config_file_name(E, N, dtype, block_shape)
+
+            def file_name(experts: int) -> str:
+                name = fused_moe.get_config_file_name(experts, N, dtype, block_shape)
+                return name.removesuffix(".json") + "_down.json" if down_moe else name
+
+            own = file_name(E)
             if not any(os.path.exists(p) for p in _config_paths(own)):
-                used = fused_moe.get_config_file_name(routed_e, N, dtype, block_shape)
                 logger.info_once(
                     "vllm-fse: no tuned MoE config %s for the widened layer (E=%d = %d routed + shared slots); "
                     "using the routed layer's %s",
-                    own, E, routed_e, used,
+                    own, E, routed_e, file_name(routed_e),
                 )  # fmt: skip
-                return real(routed_e, N, dtype, block_n, block_k)
-        return real(E, N, dtype, block_n, block_k)
+                return real(routed_e, N, dtype, block_n, block_k, **extra)
+        return real(E, N, dtype, block_n, block_k, **extra)
 
     get_moe_configs.vllm_fse_wrapped = True
     get_moe_configs.wrapped = real
     fused_moe.get_moe_configs = get_moe_configs
+    for name in MOE_CONFIGS_IMPORTED_BY:  # imported before the wrap: rebind their name too
+        importer = sys.modules.get(name)
+        if getattr(importer, "get_moe_configs", None) is real:
+            importer.get_moe_configs = get_moe_configs
+
+
+# -- 12: vLLM 0.34's AITER line about the plugin's fused blocks -------------------------------------
+
+AITER_FSE_LINE = "AITER fused shared experts"
+
+
+class _NoAiterFseLine(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(AITER_FSE_LINE)
+
+
+@contextlib.contextmanager
+def no_aiter_fse_line():
+    """While a model is built on the backend-neutral path, drop vLLM's "AITER fused shared
+    experts" line (see entry 12)."""
+    upstream = logging.getLogger("vllm.model_executor.models.utils")
+    line_filter = _NoAiterFseLine()
+    upstream.addFilter(line_filter)
+    try:
+        yield
+    finally:
+        upstream.removeFilter(line_filter)
 
 
 # -- 6: Inductor's peak-memory reordering in vLLM's compiled CPU mode ---------------------------------

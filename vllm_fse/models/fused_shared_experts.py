@@ -36,6 +36,7 @@ from vllm_fse.loading import SharedExpertLayout, SlotTracker, split_shared_exper
 from vllm_fse.models.shared_slot_experts import BENCH_ROUTED_KEY, SharedSlotExperts, SwitchPoint
 from vllm_fse.patches import (
     keep_freed_cpu_heap,
+    no_aiter_fse_line,
     keep_inductor_order_of_out_variant_kernels,
     resolve_widened_moe_configs,
     route_to_modular_kernels,
@@ -249,12 +250,15 @@ def moe_construction(
     module = family.upstream()
     real_resolve = getattr(module, "resolve_layer_fused_shared_expert", None)
     real_factory = module.FusedMoEFactory
-    if real_resolve is not None:
+    if real_resolve is not None and not plan.upstream_decides:
         module.resolve_layer_fused_shared_expert = lambda quant_config, prefix, *a, **k: plan.enabled
+    quiet = contextlib.nullcontext()
     if plan.path is FsePath.BACKEND_NEUTRAL:
         module.FusedMoEFactory = _backend_neutral_factory(plan, switch, family, real_factory, dtype)
+        quiet = no_aiter_fse_line()  # vLLM 0.34 would call the plugin's fused blocks AITER's
     try:
-        yield
+        with quiet:
+            yield
     finally:
         if real_resolve is not None:
             module.resolve_layer_fused_shared_expert = real_resolve

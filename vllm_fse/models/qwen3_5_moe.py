@@ -2,20 +2,22 @@
 and the MTP draft ``Qwen3_5MoeMTP``) with fused shared experts: Qwen3-Next's MoE block, so the
 Qwen3-Next family (:mod:`vllm_fse.models.qwen_moe`). A module of its own because upstream's
 ``qwen3_5`` imports the vision tower (transformers' image processors, torchvision).
+
+The upstream classes are the ones vLLM's registry resolves to on this platform: vLLM 0.32/0.33's
+``vllm.model_executor.models.qwen3_5`` / ``qwen3_5_mtp``; 0.34's ``vllm.models.qwen3_5``, which is
+NVIDIA's own implementation on CUDA (it still builds ``Qwen3NextSparseMoeBlock`` from
+``qwen3_next``, under ``model.layers``) and the former module elsewhere.
 """
 
 from __future__ import annotations
 
-from vllm.model_executor.models.qwen3_5 import (
-    Qwen3_5MoeForCausalLM as UpstreamQwen3_5MoeForCausalLM,
-)
-from vllm.model_executor.models.qwen3_5 import (
-    Qwen3_5MoeForConditionalGeneration as UpstreamQwen3_5MoeForConditionalGeneration,
-)
-from vllm.model_executor.models.qwen3_5_mtp import Qwen3_5MoeMTP as UpstreamQwen3_5MoeMTP
-
+from vllm_fse.compat import vllm_model_class
 from vllm_fse.models.fused_shared_experts import FusedSharedExpertsMixin
 from vllm_fse.models.qwen_moe import QWEN3_NEXT, QwenDraftMixin
+
+UpstreamQwen3_5MoeForCausalLM = vllm_model_class("Qwen3_5MoeForCausalLM")
+UpstreamQwen3_5MoeForConditionalGeneration = vllm_model_class("Qwen3_5MoeForConditionalGeneration")
+UpstreamQwen3_5MoeMTP = vllm_model_class("Qwen3_5MoeMTP")
 
 
 class FseQwen3_5MoeForCausalLM(FusedSharedExpertsMixin, UpstreamQwen3_5MoeForCausalLM):
