@@ -8,7 +8,11 @@ vLLM. It checks
   list cannot fall behind the code), and
 - every target of :data:`vllm_fse.patches.PATCHES` with the parameters the plugin relies on
   (a callable must still take them, or ``**kwargs``); targets newer than the release
-  (``since_vllm``) must be absent or present, either is fine.
+  (``since_vllm``) must be absent or present, either is fine;
+- every function the plugin wraps: no parameter the wrapper would drop, and no module that
+  imports it by name (``from ... import f`` keeps the original) beyond those the plugin binds too;
+- every architecture the plugin replaces: vLLM's registry table must resolve it to the class
+  the plugin's class subclasses (or the plugin's class must follow the registry).
 
 Names are resolved the way Python would: definitions, assignments and re-exports
 (``from x import y``) at module level, class attributes through the class's bases. Prints one
@@ -50,6 +54,31 @@ class SourceTree:
         if spec is None or not spec.submodule_search_locations:
             raise SystemExit("vllm-fse check-vllm: no vllm installed; give a source tree or a wheel")
         return cls(Path(next(iter(spec.submodule_search_locations))).parent)
+
+    def where_is_vllm(self) -> str | None:
+        """None if this tree holds ``vllm/``; else what is wrong, saying where ``vllm/`` is."""
+        if self._zip is not None:
+            return None if "vllm/__init__.py" in self._zip.namelist() else f"{self.location} has no vllm/ package"
+        if (self.location / "vllm" / "__init__.py").is_file():
+            return None
+        if self.location.name == "vllm" and (self.location / "__init__.py").is_file():
+            return f"{self.location} is the vllm package itself: give the folder that holds it, {self.location.parent}"
+        below = sorted(p.parent.parent for p in self.location.glob("*/vllm/__init__.py"))
+        if below:
+            return f"{self.location} holds no vllm/ package; it is under {below[0]}: give that folder"
+        return f"{self.location} holds no vllm/ package (an unpacked wheel, a checkout, or a .whl)"
+
+    def module_names(self) -> list[str]:
+        """Every Python module of the tree, by dotted name."""
+        if self._zip is not None:
+            files = [n for n in self._zip.namelist() if n.startswith("vllm/") and n.endswith(".py")]
+        else:
+            files = [p.relative_to(self.location).as_posix() for p in (self.location / "vllm").rglob("*.py")]
+        return sorted(f.removesuffix(".py").removesuffix("/__init__").replace("/", ".") for f in files)
+
+    def text(self, module: str) -> str | None:
+        base = module.replace(".", "/")
+        return self._read(f"{base}.py") or self._read(f"{base}/__init__.py")
 
     def _read(self, relative: str) -> str | None:
         if self._zip is not None:
@@ -239,9 +268,120 @@ def older_than(version: str, since: str) -> bool:
         return False
 
 
+def wrapped_function_problems(tree: SourceTree, patch, found: Found) -> list[str]:
+    """A wrapped function's parameters the wrapper does not take, and the modules that import it
+    by name but are not among those the plugin binds the wrapper in."""
+    problems = []
+    sig = parameters(found.node)
+    if sig is not None:
+        new = sorted(sig[0] - set(patch.params) - set(patch.wrapper_params))
+        if new:
+            problems.append(f"new parameters {new} the wrapper would drop")
+    importers = []
+    for module in tree.module_names():
+        if module == patch.module:
+            continue
+        text = tree.text(module)
+        if text is None or patch.name not in text:
+            continue
+        found_mod = tree.module(module)
+        for node in ast.walk(found_mod[0]):
+            if isinstance(node, ast.ImportFrom) and any(a.name == patch.name for a in node.names):
+                if _absolute(module, found_mod[1], node.level, node.module) == patch.module:
+                    importers.append(module)
+                    break
+    unbound = [m for m in importers if m not in patch.imported_by]
+    if unbound:
+        problems.append(f"imported by name in {unbound}, where the wrapper is not bound")
+    return problems
+
+
+REGISTRY_MODULE = "vllm.model_executor.models.registry"
+
+
+def registry_table(tree: SourceTree) -> dict[str, tuple[str, str]]:
+    """Architecture -> (module, class) as vLLM's registry table resolves it (its
+    ``_resolve_module_name``: names relative to ``vllm.model_executor.models`` unless absolute)."""
+    found = tree.module(REGISTRY_MODULE)
+    table = {}
+    for node in ast.walk(found[0]) if found else ():
+        if not isinstance(node, ast.Dict):
+            continue
+        for key, value in zip(node.keys, node.values):
+            if (isinstance(key, ast.Constant) and isinstance(key.value, str) and isinstance(value, ast.Tuple)
+                    and len(value.elts) == 2 and all(isinstance(e, ast.Constant) and isinstance(e.value, str)
+                                                     for e in value.elts)):  # fmt: skip
+                module, cls = (e.value for e in value.elts)
+                table[key.value] = (module if module.startswith("vllm.") else f"vllm.model_executor.models.{module}", cls)
+    return table
+
+
+def plugin_upstream_base(target: str) -> tuple[str, ...] | None:
+    """What the plugin's class ``module:Class`` subclasses upstream, read from its source:
+    ``("import", module, class)`` for ``from vllm... import Class as X``, ``("registry", arch)`` for
+    ``X = vllm_model_class(arch)``; None if neither is found."""
+    module, cls = target.split(":")
+    path = PLUGIN_DIR.parent / (module.replace(".", "/") + ".py")
+    tree = ast.parse(path.read_text(), str(path))
+    names: dict[str, tuple] = {}
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("vllm."):
+            for alias in node.names:
+                names[alias.asname or alias.name] = ("import", node.module, alias.name)
+        elif (isinstance(node, ast.Assign) and isinstance(node.value, ast.Call)
+              and getattr(node.value.func, "id", "") == "vllm_model_class" and node.value.args):  # fmt: skip
+            for target_name in node.targets:
+                names[getattr(target_name, "id", "")] = ("registry", ast.literal_eval(node.value.args[0]))
+        elif isinstance(node, ast.ClassDef):
+            names[node.name] = ("class", [getattr(b, "id", "") for b in node.bases])
+
+    def walk(name: str, depth: int = 0):
+        origin = names.get(name)
+        if origin is None or depth > 5:
+            return None
+        if origin[0] != "class":
+            return origin
+        return next((hit for base in origin[1] if (hit := walk(base, depth + 1))), None)
+
+    return walk(cls)
+
+
+def registry_problems(tree: SourceTree) -> list[tuple[Use, str, bool]]:
+    """For every architecture the plugin replaces: does vLLM's registry resolve it to the class
+    the plugin's class subclasses?"""
+    from vllm_fse import MODEL_OVERRIDES
+
+    table = registry_table(tree)
+    results = []
+    for arch, target in MODEL_OVERRIDES.items():
+        use = Use(REGISTRY_MODULE, arch, target.split(":")[0].replace(".", "/") + ".py")
+        entry = table.get(arch)
+        base = plugin_upstream_base(target)
+        if entry is None:
+            results.append((use, "not in vLLM's registry table", False))
+        elif base is None:
+            results.append((use, f"no upstream base class found in {target}", True))
+        elif base[0] == "registry":
+            results.append((use, "" if base[1] == arch else f"follows the registry entry of {base[1]}", True))
+        else:
+            _, module, cls = base
+            same = (module, cls) == entry
+            if not same:
+                ours, theirs = lookup(tree, module, cls), lookup(tree, *entry)
+                same = ours is not None and theirs is not None and ours.node is theirs.node
+            problem = "" if same else (
+                f"vLLM resolves it to {entry[0]}:{entry[1]}, the plugin's class subclasses {module}:{cls}"
+            )
+            results.append((use, problem, True))
+    return results
+
+
 def check(tree: SourceTree) -> list[tuple[Use, str, bool]]:
     """(use, problem or "", found) for every use; a problem is "missing" or the parameters lost.
     An optional import, or a target newer than the release, may be absent without a problem."""
+    from vllm_fse.patches import PATCHES
+
+    wrapped = {(p.module, p.name): p for p in PATCHES if p.kind == "wrap"}
     results = []
     version = tree.version()
     seen = set()
@@ -262,8 +402,10 @@ def check(tree: SourceTree) -> list[tuple[Use, str, bool]]:
                 names, var_kw = sig
                 lost = [p for p in use.params if p not in names and not var_kw]
                 problem = f"lost parameters {lost}" if lost else ""
+        if not problem and (use.module, use.name) in wrapped:
+            problem = "; ".join(wrapped_function_problems(tree, wrapped[(use.module, use.name)], found))
         results.append((use, problem, True))
-    return results
+    return results + registry_problems(tree)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -271,6 +413,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("source", nargs="?", help="vLLM source dir (holding vllm/) or .whl; default: installed")
     args = parser.parse_args(argv)
     tree = SourceTree(Path(args.source)) if args.source else SourceTree.installed()
+    wrong_folder = tree.where_is_vllm()
+    if wrong_folder:
+        print(f"vllm-fse check-vllm: {wrong_folder}", file=sys.stderr)
+        return 2
     results = check(tree)
     bad = [problem for _, problem, _ in results if problem]
     print(f"vLLM {tree.version()} at {tree.location}: {len(results)} names the plugin uses, {len(bad)} problems")
