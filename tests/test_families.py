@@ -146,8 +146,8 @@ def test_fse_is_really_on_in_the_live_model(matrices, tp, case):
             # The routed output is scaled by rsf, so the slot sits at 1/rsf (also in float16, where
             # the runner then does not scale at all: upstream divides the shared output by rsf).
             assert layer["shared_slot_weight"] == pytest.approx(1.0 / rsf)
-    for rank in off:
-        assert rank["fse_path"] == "OFF"
+    for rank in off:  # FSE off: vLLM's own class
+        assert rank["fse_path"] is None and rank["class"].startswith("vllm.model_executor.models.")
         for layer in rank["moe_layers"]:
             assert layer["has_shared_experts_mlp"] is True and layer["w13_shape"][0] == spec.n_routed_experts
 
@@ -293,7 +293,8 @@ def test_live_draft_model_is_fused_with_the_mtp_layers_own_chunks(mtp_runs, tiny
     (on,) = mtp_runs[(name, "1")]["describe_drafter"]
     (off,) = mtp_runs[(name, "0")]["describe_drafter"]
     assert on["class"] == MTP_CLASSES[name]
-    assert on["fse_path"] == "BACKEND_NEUTRAL" and off["fse_path"] == "OFF"
+    assert on["fse_path"] == "BACKEND_NEUTRAL"
+    assert off["fse_path"] is None and off["class"].startswith("vllm.model_executor.models.")  # vLLM's own draft
     mtp_layer = spec.num_hidden_layers
     (layer,) = on["moe_layers"]
     assert layer["name"] == f"model.layers.{mtp_layer}.mtp_block.mlp"

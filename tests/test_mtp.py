@@ -74,7 +74,8 @@ def test_live_draft_model_has_the_shared_slots(mtp_runs, k):
     (on,) = results[(k, "1")]["describe_drafter"]
     (off,) = results[(k, "0")]["describe_drafter"]
     assert on["class"] == "vllm_fse.models.glm4_moe_mtp:FseGlm4MoeMTP"
-    assert on["fse_path"] == "BACKEND_NEUTRAL" and off["fse_path"] == "OFF"
+    assert on["fse_path"] == "BACKEND_NEUTRAL"
+    assert off["class"] == "vllm.model_executor.models.glm4_moe_mtp:Glm4MoeMTP" and off["fse_path"] is None
     (layer,) = on["moe_layers"]
     assert layer["name"] == f"model.layers.{MTP_LAYER}.mtp_block.mlp"
     assert layer["has_shared_experts_mlp"] is False

@@ -106,7 +106,7 @@ def test_qwen2_moe_fse_is_really_on_with_one_slot_per_moe_width(qwen_runs, width
         assert layer["top_k"] == SPEC.num_experts_per_tok + n_slots
         assert layer["shared_slot_weight"] == 1.0  # Qwen scales nothing but the gate
     (off,) = qwen_runs[(width, "0")]["describe_model"]
-    assert off["fse_path"] == "OFF"
+    assert off["fse_path"] is None and off["class"] == "vllm.model_executor.models.qwen2_moe:Qwen2MoeForCausalLM"
     for layer in off["moe_layers"]:
         assert layer["has_shared_experts_mlp"] is True and layer["w13_shape"][0] == SPEC.n_routed_experts
     padding = n_slots * INTER - WIDTHS[width]

@@ -32,5 +32,6 @@ def test_ray_workers_load_the_plugin_and_fse_on_matches_off(platform, tiny_model
     for result in (off, on):
         assert "error" not in result, result.get("traceback")
     assert [rank["fse_path"] for rank in on["describe_model"]] == ["BACKEND_NEUTRAL"] * 2
-    assert all(rank["class"].startswith("vllm_fse.") for rank in on["describe_model"] + off["describe_model"])
+    assert all(rank["class"].startswith("vllm_fse.") for rank in on["describe_model"])
+    assert all(rank["class"].startswith("vllm.model_executor.models.") for rank in off["describe_model"])
     compare_outputs(off["outputs"], on["outputs"], "float32")
