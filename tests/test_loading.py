@@ -449,3 +449,90 @@ def test_a_gated_shared_expert_of_the_wrong_width_names_the_config_field():
 def test_zero_padding_a_quantized_shared_expert_is_refused():
     with pytest.raises(UnsupportedSharedExpertFormat, match="zero-padding"):
         list(split_shared_experts([], _qwen_layout(10, format=fp8_per_tensor(static_activation_scale=False))))
+
+
+# -- compressed-tensors pack-quantized (W4A16 / W8A16): the exact cut, on tensors ---------------
+
+
+def _pack(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    return pack_to_int32(values.to(torch.int8), bits, packed_dim=dim)
+
+
+def _unpack(packed: torch.Tensor, bits: int, shape, dim: int) -> torch.Tensor:
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    return unpack_from_int32(packed, bits, torch.Size(shape), packed_dim=dim)
+
+
+@pytest.mark.parametrize(("bits", "group", "zero_points"), [(4, 8, False), (4, 8, True), (4, None, False), (8, 4, True)])
+def test_pack_quantized_shared_experts_cut_exactly_on_packing_units_and_groups(bits, group, zero_points):
+    """Every slot unpacks to its rows/columns of the packed MLP's int values, with its own scales
+    and zero points, and gets its own ``weight_shape`` (rewritten, not sliced)."""
+    from vllm_fse.loading import packed_int
+
+    n, inter, hidden = 2, 16, 32
+    layout = _layout(n_shared=n, hidden=hidden, inter=inter, moe_layers=(1,), fmt=packed_int(bits, group, zero_points))
+    g = torch.Generator().manual_seed(bits)
+    low, high = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    p = "model.layers.1.mlp.shared_experts"
+    values, tensors = {}, {}
+    for proj in PROJECTIONS:
+        out, inp = (hidden, inter * n) if proj == "down_proj" else (inter * n, hidden)
+        values[proj] = torch.randint(low, high + 1, (out, inp), generator=g)
+        groups = 1 if group is None else inp // group
+        tensors[f"{p}.{proj}.weight_packed"] = _pack(values[proj], bits, 1)
+        tensors[f"{p}.{proj}.weight_scale"] = torch.rand(out, groups, generator=g)
+        tensors[f"{p}.{proj}.weight_shape"] = torch.tensor([out, inp])
+        if zero_points:
+            values[proj, "zp"] = torch.randint(low, high + 1, (out, groups), generator=g)
+            tensors[f"{p}.{proj}.weight_zero_point"] = _pack(values[proj, "zp"], bits, 0)
+    out = dict(split_shared_experts(tensors.items(), layout))
+    for j, slot in enumerate(layout.slots):
+        q = f"model.layers.1.mlp.experts.{slot}"
+        for proj in PROJECTIONS:
+            down = proj == "down_proj"
+            shape = out[f"{q}.{proj}.weight_shape"].tolist()
+            assert shape == ([hidden, inter] if down else [inter, hidden])
+            cols = slice(j * inter, (j + 1) * inter)
+            want = values[proj][:, cols] if down else values[proj][cols]
+            assert torch.equal(_unpack(out[f"{q}.{proj}.weight_packed"], bits, shape, 1).long(), want)
+            scale = tensors[f"{p}.{proj}.weight_scale"]
+            if down:
+                want_scale = scale if group is None else scale[:, j * inter // group : (j + 1) * inter // group]
+            else:
+                want_scale = scale[cols]
+            assert torch.equal(out[f"{q}.{proj}.weight_scale"], want_scale)
+            if zero_points:
+                zp = values[proj, "zp"]
+                want_zp = zp[:, j * inter // group : (j + 1) * inter // group] if down else zp[cols]
+                got = _unpack(out[f"{q}.{proj}.weight_zero_point"], bits, want_zp.shape, 0)
+                assert torch.equal(got.long(), want_zp)
+    tracker = SlotTracker.for_layers(layout, [1])
+    assert {t.suffix for t in tracker.expected} == set(layout.format.suffixes)
+
+
+@pytest.mark.parametrize(
+    ("inter", "group", "suffix", "unit"),
+    [(12, 4, "weight_packed", "int32s of packed values of 8"), (16, 32, "weight_scale", "scale groups of 32")],
+)
+def test_a_pack_quantized_slot_edge_inside_a_packing_unit_or_group_is_refused_by_name(inter, group, suffix, unit):
+    from vllm_fse.loading import packed_int
+
+    layout = _layout(n_shared=2, hidden=64, inter=inter, moe_layers=(1,), fmt=packed_int(4, group, False))
+    name = f"model.layers.1.mlp.shared_experts.down_proj.{suffix}"
+    cols = -(-2 * inter // 8) if suffix == "weight_packed" else -(-2 * inter // group)
+    tensor = torch.zeros(64, cols, dtype=torch.int32 if suffix == "weight_packed" else torch.float32)
+    with pytest.raises(SharedExpertWeightError, match=f"do not fall on whole {unit}") as e:
+        list(split_shared_experts([(name, tensor)], layout))
+    assert name in str(e.value) and "moe_intermediate_size" in str(e.value)
+
+
+def test_a_pack_quantized_weight_shape_that_contradicts_the_config_is_an_error():
+    from vllm_fse.loading import packed_int
+
+    layout = _layout(n_shared=2, hidden=16, inter=8, moe_layers=(1,), fmt=packed_int(4, 8, False))
+    name = "model.layers.1.mlp.shared_experts.gate_proj.weight_shape"
+    with pytest.raises(SharedExpertWeightError, match=r"expected weight_shape \[16, 16\]"):
+        list(split_shared_experts([(name, torch.tensor([12, 16]))], layout))

@@ -35,6 +35,11 @@ class ScaleSplit(enum.Enum):
     LIKE_WEIGHT_BLOCKS = "split along the weight's split dim, in units of quantization blocks"
     OUTPUT_CHANNELS = "split along the output dim for gate/up; whole for down"
     WHOLE = "every slot gets the whole (scalar) tensor"
+    # compressed-tensors pack-quantized (int values packed into int32 along the input dim):
+    PACKED_INPUT = "rows for gate/up; packed columns (whole int32s) for down"
+    GROUPS = "rows for gate/up; whole groups of columns for down (per-channel: whole)"
+    ZERO_POINTS = "packed rows (whole int32s) for gate/up; whole groups of columns for down"
+    SHAPE = "rewritten per slot (the slot's own logical [out, in])"
 
 
 class FormatKind(enum.Enum):
@@ -42,6 +47,7 @@ class FormatKind(enum.Enum):
     FP8_BLOCK = "fp8 block-quantized"
     FP8_PER_TENSOR = "fp8 per-tensor"
     PER_CHANNEL = "per-channel quantized"
+    PACKED_INT = "int packed into int32 (compressed-tensors pack-quantized)"
 
 
 @dataclass(frozen=True)
@@ -120,18 +126,19 @@ ROWS: tuple[FormatRow, ...] = (
     FormatRow(
         "w8a16", "INT8 W8A16 (weight-only, compressed-tensors `pack-quantized`)",
         "compressed-tensors int8 weights, format `pack-quantized` or no `input_activations`", False,
-        "weights packed into int32 (`weight_packed` with per-tensor `weight_shape` metadata) are not cut by the "
-        f"plugin, and {_CPU_MOE} has no W8A16 MoE kernel to check a cut against",
-        "unit only", "tests/test_quantized_formats.py",
+        "the splitter can cut it exactly (`packed_int`: `weight_packed` 4 values per int32 along the input dim, "
+        "group scales, zero points packed along the output dim, `weight_shape` rewritten per slot), but "
+        f"{_CPU_MOE} has no W8A16 MoE kernel to run FSE on against FSE off, so the plan does not enable it",
+        "unit only (the refusal; the cut on tensors)", "tests/test_quantized_formats.py, tests/test_loading.py",
     ),
     FormatRow(
         "w4a16", "INT4 W4A16 (compressed-tensors `pack-quantized`, group or channel)",
         "compressed-tensors int4 weights", False,
-        "int4 packed 8 per int32 along the input dim, group scales, zero points packed along the output dim and "
-        "per-tensor `weight_shape`: not cut by the plugin (an exact cut needs the slot width to be a multiple of 8 "
-        f"and of the group size, and `weight_shape` rewritten per slot); {_CPU_MOE} runs it with AMX only, and "
-        "through zentorch with a monolithic kernel to which shared slots cannot be appended",
-        "unit only", "tests/test_quantized_formats.py",
+        "the splitter can cut it exactly (`packed_int`: 8 values per int32, so the slot width must be a multiple "
+        "of 8 and of the group size; `weight_shape` rewritten per slot), but the plan does not enable it: "
+        f"{_CPU_MOE} runs W4A16 MoE with AMX only (none here to check FSE on against FSE off), and through "
+        "zentorch with a monolithic kernel, to which shared slots cannot be appended",
+        "unit only (the refusal; the cut on tensors)", "tests/test_quantized_formats.py, tests/test_loading.py",
     ),
     FormatRow(
         "awq", "AWQ (4-bit)", "`quant_method: awq`", False,
@@ -211,6 +218,9 @@ class SharedExpertFormat:
     tensors: tuple[tuple[str, ScaleSplit | None], ...] = (("weight", None),)
     block_size: tuple[int, int] | None = None  # (rows, cols) of a quantization block
     row: str = "unquantized"
+    # PACKED_INT: values per int32 and input channels per scale group (None: one per channel).
+    pack_factor: int = 1
+    group_size: int | None = None
 
     @property
     def suffixes(self) -> tuple[str, ...]:
@@ -254,6 +264,21 @@ def fp8_per_tensor(static_activation_scale: bool) -> SharedExpertFormat:
 
 def per_channel(static_activation_scale: bool, row: str = "int8-w8a8") -> SharedExpertFormat:
     return _weight_and_scale(FormatKind.PER_CHANNEL, ScaleSplit.OUTPUT_CHANNELS, static_activation_scale, row)
+
+
+def packed_int(num_bits: int, group_size: int | None, zero_points: bool) -> SharedExpertFormat:
+    """compressed-tensors ``pack-quantized`` (W4A16 / W8A16): ``weight_packed`` int32 packed along
+    the input dim, ``weight_scale`` per group (or channel), ``weight_zero_point`` packed along the
+    output dim (asymmetric only), ``weight_shape`` the logical [out, in]."""
+    tensors: tuple[tuple[str, ScaleSplit | None], ...] = (
+        ("weight_packed", ScaleSplit.PACKED_INPUT),
+        ("weight_scale", ScaleSplit.GROUPS),
+        ("weight_shape", ScaleSplit.SHAPE),
+    )
+    if zero_points:
+        tensors += (("weight_zero_point", ScaleSplit.ZERO_POINTS),)
+    row = "w4a16" if num_bits == 4 else "w8a16"
+    return SharedExpertFormat(FormatKind.PACKED_INT, tensors, row=row, pack_factor=32 // num_bits, group_size=group_size)
 
 
 def slot_alignment_refusal(fmt: SharedExpertFormat, slot_width: int, n_slots: int) -> UnsupportedSharedExpertFormat | None:

@@ -184,6 +184,8 @@ def _scale_chunks(
     n = layout.n_shared_experts
     if split is ScaleSplit.LIKE_WEIGHT_BLOCKS:
         return _block_chunks(name, proj, tensor, layout)
+    if split in _PACKED_SPLITS:
+        return _packed_chunks(name, proj, split, tensor, layout)
     if split is ScaleSplit.WHOLE:
         if tensor.numel() != 1:
             raise SharedExpertWeightError(
@@ -201,6 +203,66 @@ def _scale_chunks(
         return [tensor] * n
     inter = layout.moe_intermediate_size
     return [tensor.narrow(0, j * inter, inter) for j in range(n)]
+
+
+_PACKED_SPLITS = (ScaleSplit.PACKED_INPUT, ScaleSplit.GROUPS, ScaleSplit.ZERO_POINTS, ScaleSplit.SHAPE)
+
+
+def _packed_chunks(
+    name: str, proj: str, split: ScaleSplit, tensor: torch.Tensor, layout: SharedExpertLayout
+) -> list[torch.Tensor]:
+    """Per-slot pieces of a compressed-tensors ``pack-quantized`` tensor (see
+    :func:`~vllm_fse.loading.formats.packed_int`). A slot edge must fall on a whole int32 of
+    packed values and on a whole scale group; ``weight_shape`` is rewritten, not sliced."""
+    fmt = layout.format
+    n, inter, hidden = layout.n_shared_experts, layout.moe_intermediate_size, layout.hidden_size
+    pack, group = fmt.pack_factor, fmt.group_size
+    down = proj == "down_proj"
+    out_dim, in_dim = (hidden, inter * n) if down else (inter * n, hidden)
+
+    def ceil(a: int, b: int) -> int:
+        return -(-a // b)
+
+    def cut(dim: int, width: int, unit: int, what: str) -> list[torch.Tensor]:
+        if n > 1 and width % unit:
+            raise SharedExpertWeightError(
+                f"{_describe(name, tensor, layout)}: shared-expert chunks of {width} along dim {dim} do not "
+                f"fall on whole {what} of {unit} (moe_intermediate_size={inter})"
+            )
+        per_slot = width // unit if n > 1 else tensor.shape[dim]
+        return [tensor.narrow(dim, j * per_slot, per_slot) for j in range(n)]
+
+    if split is ScaleSplit.SHAPE:
+        if tensor.dim() != 1 or tensor.tolist() != [out_dim, in_dim]:
+            raise SharedExpertWeightError(
+                f"{_describe(name, tensor, layout)}: expected weight_shape {[out_dim, in_dim]} "
+                f"(hidden_size={hidden}, moe_intermediate_size={inter})"
+            )
+        slot_shape = [hidden, inter] if down else [inter, hidden]
+        return [torch.tensor(slot_shape, dtype=tensor.dtype) for _ in range(n)]
+    if split is ScaleSplit.PACKED_INPUT:
+        expected = (out_dim, ceil(in_dim, pack))
+        what = "packed int32 columns"
+    elif split is ScaleSplit.GROUPS:
+        expected = (out_dim, 1 if group is None else ceil(in_dim, group))
+        what = "scale columns"
+    else:
+        expected = (ceil(out_dim, pack), 1 if group is None else ceil(in_dim, group))
+        what = "packed zero-point rows"
+    if tuple(tensor.shape) != expected:
+        raise SharedExpertWeightError(
+            f"{_describe(name, tensor, layout)}: expected {what} of shape {list(expected)} for {pack} values per "
+            f"int32 and group size {group or 'per channel'} (hidden_size={hidden}, moe_intermediate_size={inter})"
+        )
+    if split is ScaleSplit.ZERO_POINTS and not down:
+        return cut(0, inter, pack, "int32s of packed values")
+    if not down:
+        return cut(0, inter, 1, "rows")
+    if split is ScaleSplit.PACKED_INPUT:
+        return cut(1, inter, pack, "int32s of packed values")
+    if group is None:  # one scale (zero point) per output channel: hidden, whole for every slot
+        return [tensor] * n
+    return cut(1, inter, group, "scale groups")
 
 
 def split_shared_experts(
@@ -268,10 +330,11 @@ def split_shared_experts(
         # Hold nothing while the next tensor is read: a checkpoint tensor is a view of its
         # shard's memory map, which must be free to close when the reader moves to the next shard.
         del tensor, chunks, chunk
+    weight = layout.format.suffixes[0]  # ``weight``, or ``weight_packed``
     orphans = sorted(
-        f"layer {layer} {proj} has {', '.join(sorted(suffixes))} but no weight"
+        f"layer {layer} {proj} has {', '.join(sorted(suffixes))} but no {weight}"
         for (layer, proj), suffixes in seen.items()
-        if "weight" not in suffixes
+        if weight not in suffixes
     )
     if orphans:
         raise SharedExpertWeightError(
