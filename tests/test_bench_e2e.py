@@ -35,7 +35,7 @@ def test_sweep_smoke_measures_both_arms_and_resumes(tmp_path: Path):
         run = json.loads(path.read_text())
         assert run["result"]["completed"] == 4 and run["result"]["total_output_tokens"] == 4 * 8
     manifest = json.loads((out / "sweep.json").read_text())
-    assert manifest["servers"]["off"]["fse"] == {"FseGlm4MoeForCausalLM": "off"}
+    assert manifest["servers"]["off"]["fse"] == {}  # FSE not asked for: vLLM's own classes, no plan line
     assert manifest["servers"]["on"]["fse"] == {"FseGlm4MoeForCausalLM": "on"}
     md = (out / "summary.md").read_text()
     assert "| 32 | 8 | 2 | " in md and "FSE=0 -> FSE=1" in md
@@ -74,7 +74,8 @@ def test_profile_sees_the_shared_expert_gemms_disappear(tmp_path: Path):
     assert row["off"]["gemm_calls_per_step"] - row["on"]["gemm_calls_per_step"] == 2 * moe_layers
     assert row["on"]["category_ms_per_step"]["MoE experts kernel"] > 0
     assert data["meta"]["live_model"]["on"]["fse_path"] == "BACKEND_NEUTRAL"
-    assert data["meta"]["live_model"]["off"]["fse_path"] == "OFF"
+    assert data["meta"]["live_model"]["off"]["fse_path"] is None  # vLLM's own class
+    assert data["meta"]["live_model"]["off"]["class"] == "vllm.model_executor.models.glm4_moe:Glm4MoeForCausalLM"
     assert "## Where a decode step goes, batch 2" in (out / "profile.md").read_text()
 
 

@@ -172,12 +172,16 @@ def test_arm_check_accepts_a_server_that_runs_its_arm():
     assert check_arm("on", ON_LOG, Path("x.log")) == {"FseGlm4MoeForCausalLM": "on", "FseGlm4MoeMTP": "on"}
 
 
-def test_arm_check_rejects_a_fallback_and_a_log_without_the_plugin():
+def test_arm_check_rejects_a_fallback_and_an_on_log_without_the_plugin_and_takes_no_plan_line_as_off():
     fallback = ON_LOG.replace("FseGlm4MoeMTP FSE on (", "FseGlm4MoeMTP FSE off (")
     with pytest.raises(RuntimeError, match="FseGlm4MoeMTP"):
         check_arm("on", fallback, Path("x.log"))
     with pytest.raises(RuntimeError, match="no vllm-fse plan line"):
-        check_arm("off", "INFO plain vLLM\n", Path("x.log"))
+        check_arm("on", "INFO plain vLLM\n", Path("x.log"))
+    # FSE not asked for: the plugin registers nothing and logs no plan line (vLLM's own classes).
+    assert check_arm("off", "INFO plain vLLM\n", Path("x.log")) == {}
+    with pytest.raises(RuntimeError, match="arm 'off': the server runs with FSE"):
+        check_arm("off", ON_LOG, Path("x.log"))
     assert fse_states(ON_LOG.replace(" on (", " off (")) == {"FseGlm4MoeForCausalLM": "off", "FseGlm4MoeMTP": "off"}
 
 

@@ -137,7 +137,8 @@ def run_demo(args: argparse.Namespace) -> int:
     for arm in DEMO_ARMS:
         lines = results[arm.label]["plugin_lines"]
         said = lines[-1].split("vllm-fse: ", 1)[-1] if lines else "no plan line (FSE not requested: vLLM's own classes)"
-        print(textwrap.fill(said, 100, initial_indent=f"{arm.label:<{width}} | ", subsequent_indent=" " * (width + 3)))
+        print(textwrap.fill(said, 100, initial_indent=f"{arm.label:<{width}} | ", subsequent_indent=" " * (width + 3),
+                            break_on_hyphens=False, break_long_words=False))
     reference_label = DEMO_ARMS[0].label
     agree = {arm.label: 0 for arm in DEMO_ARMS[1:]}
     worst = {arm.label: 0.0 for arm in DEMO_ARMS[1:]}

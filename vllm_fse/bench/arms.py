@@ -103,9 +103,15 @@ def fse_states(log_text: str) -> dict[str, str]:
 
 
 def check_arm(arm: str, log_text: str, log_path: Path) -> dict[str, str]:
-    """The server really runs the arm it stands for: every model of it says FSE ``arm`` (the
-    ``auto`` arm: FSE on, with the per-step switch)."""
+    """The server really runs the arm it stands for. ``off``: no model says FSE on (with FSE not
+    asked for the plugin registers nothing and logs no plan line: vLLM's own classes). ``on``:
+    every model says FSE on. ``auto``: FSE on, with the per-step switch."""
     states = fse_states(log_text)
+    if arm == "off":
+        on = {name: state for name, state in states.items() if state != "off"}
+        if on:
+            raise RuntimeError(f"arm 'off': the server runs with FSE {on} (see {log_path})")
+        return states
     if arm == "auto" and states:
         not_auto = [ln for ln in log_text.splitlines() if " FSE on (" in ln and "; auto: " not in ln]
         if not_auto:
@@ -113,8 +119,8 @@ def check_arm(arm: str, log_text: str, log_path: Path) -> dict[str, str]:
         arm = "on"
     if not states:
         raise RuntimeError(
-            f"arm {arm!r}: the server log {log_path} has no vllm-fse plan line; is the model a "
-            "GLM-4 MoE checkpoint and vllm-fse installed in the server's environment?"
+            f"arm {arm!r}: the server log {log_path} has no vllm-fse plan line; is the model one of the "
+            "supported families and vllm-fse installed in the server's environment?"
         )
     wrong = {name: state for name, state in states.items() if state != arm}
     if wrong:
@@ -180,7 +186,8 @@ class ArmServers:
                     "command": server.command(),
                     "env": dict(self.arm_env[arm]),
                 }
-                print(f"[{arm}] healthy after {server.startup_s:.0f}s; FSE {states}", flush=True)
+                said = states or "off (vLLM's own classes)"
+                print(f"[{arm}] healthy after {server.startup_s:.0f}s; FSE {said}", flush=True)
         except BaseException:
             for server in new.values():
                 server.stop()
