@@ -63,18 +63,19 @@ def _python(code: str, env: dict[str, str] | None = None, base: dict[str, str] |
     return result
 
 
-RESOLVE_AFTER_VLLM_PLUGIN_LOADING = """
-    import json
-    from vllm.plugins import load_general_plugins
-    load_general_plugins()
-    from vllm import ModelRegistry
-    out = {}
-    import vllm_fse
-    for arch in vllm_fse.MODEL_OVERRIDES:
-        entry = ModelRegistry.models[arch]
-        out[arch] = f"{entry.module_name}:{entry.class_name}"
-    print(json.dumps(out))
+# Prints what vLLM's registry resolves every architecture the plugin replaces to.
+PRINT_RESOLVED = """
+import json
+from vllm import ModelRegistry
+import vllm_fse
+out = {arch: f"{ModelRegistry.models[arch].module_name}:{ModelRegistry.models[arch].class_name}"
+       for arch in vllm_fse.MODEL_OVERRIDES}
+print(json.dumps({**out, **globals().get("extra", {})}))
 """
+RESOLVE_AFTER_VLLM_PLUGIN_LOADING = """
+from vllm.plugins import load_general_plugins
+load_general_plugins()
+""" + PRINT_RESOLVED
 
 
 def test_entry_point_is_discovered_in_vllm_general_plugins():
@@ -91,19 +92,12 @@ def test_fse_asked_for_resolves_every_architecture_to_vllm_fse():
     assert result["log"].count("vllm-fse: plugin") == 1
 
 
-DECLARED_AFTER_VLLM_PLUGIN_LOADING = """
-    import json
-    from vllm.plugins import load_general_plugins
-    load_general_plugins()
-    from vllm import ModelRegistry, envs
-    from vllm.platforms import current_platform
-    import vllm_fse
-    current_platform.validate_environ(hard_fail=True)  # as --fail-on-environ-validation
-    out = {arch: f"{ModelRegistry.models[arch].module_name}:{ModelRegistry.models[arch].class_name}"
-           for arch in vllm_fse.MODEL_OVERRIDES}
-    out["declared"] = sorted(v for v in envs.environment_variables if v.startswith("VLLM_FSE"))
-    print(json.dumps(out))
-"""
+DECLARED_AFTER_VLLM_PLUGIN_LOADING = RESOLVE_AFTER_VLLM_PLUGIN_LOADING.replace("import json", """
+from vllm import envs
+from vllm.platforms import current_platform
+current_platform.validate_environ(hard_fail=True)  # as --fail-on-environ-validation
+extra = {"declared": sorted(v for v in envs.environment_variables if v.startswith("VLLM_FSE"))}
+import json""")
 
 
 @pytest.mark.parametrize("env", [{}, {"VLLM_FSE": "0", "VLLM_FSE_FUSED_MAX_TOKENS": "8"}], ids=["unset", "0"])
@@ -238,19 +232,12 @@ def test_unsupported_vllm_version_without_fse_asked_for_says_nothing(monkeypatch
 
 
 UNSUPPORTED_VERSION = """
-    import json
-    import vllm.version
-    vllm.version.__version__ = "0.31.2"
-    import vllm_fse
-    vllm_fse.register()
-    vllm_fse.register()
-    from vllm import ModelRegistry
-    out = {}
-    for arch in vllm_fse.MODEL_OVERRIDES:
-        entry = ModelRegistry.models[arch]
-        out[arch] = f"{entry.module_name}:{entry.class_name}"
-    print(json.dumps(out))
-"""
+import vllm.version
+vllm.version.__version__ = "0.31.2"
+import vllm_fse
+vllm_fse.register()
+vllm_fse.register()
+""" + PRINT_RESOLVED
 
 
 def test_unsupported_vllm_version_logs_one_error_and_keeps_upstream():
