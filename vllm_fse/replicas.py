@@ -146,8 +146,9 @@ class SharedSlotLayout:
             names = ", ".join(self.slot_name(s) for s in held) or "none"
             size = format_bytes(len(held) * per_slot_bytes * n_layers)
             ranks.append(f"{'this rank ' if r == rank else ''}{r}: {names} ({size})")
-        balance = "every rank holds the same number" if self.spread() else "unbalanced: ranks hold unequal numbers"
-        if self.placement == "linear" and not self.spread():
-            balance += " (linear placement puts the appended slots on the last rank(s); round_robin spreads them on grouped-routing models)"
-        return (f"{copies}; EP {self.ep_size}, {self.placement} placement, {balance} of shared slots per layer; "
+        balance = "every rank holds the same number of shared slots per layer" if self.spread() else (
+            "unbalanced: ranks hold unequal numbers of shared slots per layer"
+            + (" (linear placement puts the appended slots on the last rank(s))" if self.placement == "linear" else "")
+        )  # fmt: skip
+        return (f"{copies}; EP {self.ep_size}, {self.placement} placement, {balance}; "
                 f"per rank (slot ids per layer, bytes over {n_layers} layers): " + "; ".join(ranks))  # fmt: skip
