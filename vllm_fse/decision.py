@@ -402,7 +402,7 @@ def plan_fse(
     if path is FsePath.AITER and vllm_config.quant_config is not None:
         refused = _aiter_refused_layers(vllm_config.quant_config, shared_expert_name, moe_layers)
         why = "; ".join(sorted(set(refused.values())))
-        if len(refused) == len(moe_layers):
+        if refused and len(refused) == len(moe_layers):
             return _fallback(f"AITER cannot fuse this checkpoint's shared experts: {why}")
         if refused:
             mixed = (f"AITER can fuse the shared experts of MoE layers {sorted(set(moe_layers) - set(refused))} "
