@@ -15,8 +15,8 @@ from vllm_fse.compat import cache_dir, logger
 # Calibration: stop climbing the ladder once split has won this many points in a row, or once
 # this much time went into it. Past the budget, unmeasured sizes run fused only if fused won the
 # last FUSED_WINS_TO_EXTRAPOLATE sizes (above a few hundred tokens both paths are compute-bound and
-# their ratio is flat: 0.70, 0.70, 0.74 at 1024, 2048, 4096 tokens on the AVX2 bench machine);
-# otherwise they run split, i.e. as unfused.
+# their ratio is flat; docs/design.md gives the measured ratios); otherwise they run split, i.e.
+# as unfused.
 SPLIT_WINS_TO_STOP = 2
 FUSED_WINS_TO_EXTRAPOLATE = 2
 CALIBRATION_BUDGET_S = 8.0

@@ -92,8 +92,8 @@ def shared_slot_scaling(
     Unfused: ``rsf * sum_k w_k E_k(x) + S(x)`` when the runner scales the routed output by rsf,
     or ``sum_k (rsf * w_k) E_k(x) + S(x)`` when rsf is folded into the routed weights. The shared
     slot sits inside the scaled sum, so it gets ``1/rsf`` in the first case and ``1`` in the
-    second; ``rsf`` there would scale the shared expert by rsf**2 / rsf (upstream lost 48 gsm8k
-    points that way). In float16 upstream's runner guards against overflow by dividing the shared
+    second; ``rsf`` there would scale the shared expert by rsf**2 / rsf (docs/design.md says
+    what that cost upstream). In float16 upstream's runner guards against overflow by dividing the shared
     output by rsf instead of scaling the routed one (``sum_k w_k E_k(x) + S(x) / rsf``, which
     DeepSeek's decoder layer compensates); fused, that is the slot at ``1/rsf`` with no output
     scale.

@@ -151,8 +151,8 @@ class SharedSlotExperts:
     def _traced(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         if not self.switch.auto:
             return self._fused_traced(x, topk_weights, topk_ids)
-        # The step's path from its token count and the live switch point (a few scalar ops in
-        # the graph; an opaque op here cost ~3% of a batch-1 step, measured across engines).
+        # The step's path from its token count and the live switch point: a few scalar ops in
+        # the graph, cheaper than an opaque op here (docs/design.md, "Where the choice is made").
         state = self.runner.fse_switch_state
         fused = x.shape[0] <= state[0]
         if not self.switch.bench_routed_path:
@@ -195,7 +195,7 @@ class SharedSlotExperts:
         """vLLM's expert call and the split MLP's module, or on CPU the kernels underneath them:
         inside the opaque op nothing is compiled, and the Python around vLLM's CPU MoE kernel
         (modular kernel, prepare/finalize, linear layers) costs more per call than the shared
-        expert itself at decode sizes (measured: +25% per decode step at batch 1)."""
+        expert itself at decode sizes (docs/design.md, "vLLM's CPU MoE kernel")."""
         self._experts, self._mlp = self._forward_modular, self.split_mlp
         if x.device.type == "cpu":
             experts = cpu_moe_kernel(self.runner.routed_experts)
