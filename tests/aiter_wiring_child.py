@@ -24,7 +24,7 @@ def main(model_dir: str, result_path: str, drop: str | None) -> None:
     from vllm.distributed import init_distributed_environment, initialize_model_parallel
     from vllm.engine.arg_utils import EngineArgs
     from vllm.model_executor.model_loader.weight_utils import safetensors_weights_iterator
-    import vllm_fse.decision
+    import vllm_fse.core.decision
     import importlib
 
     from vllm_fse import MODEL_OVERRIDES
@@ -40,7 +40,7 @@ def main(model_dir: str, result_path: str, drop: str | None) -> None:
     aiter_ops.rocm_aiter_ops.is_fused_moe_enabled = classmethod(lambda cls: True)
     aiter_ops.rocm_aiter_ops.is_fusion_moe_shared_experts_enabled = classmethod(lambda cls: True)
     expert_map_manager.init_aiter_topK_meta_data = lambda **kw: recorded.append(kw)
-    vllm_fse.decision._on_rocm = lambda: True
+    vllm_fse.core.decision._on_rocm = lambda: True
 
     with set_current_vllm_config(vllm_config), torch.device("cpu"):
         init_distributed_environment(

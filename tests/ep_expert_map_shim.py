@@ -13,7 +13,7 @@ Loaded with ``LLM(worker_extension_cls="ep_expert_map_shim.ExpertMapShim")``: vL
 module in every worker process before the model is built, which installs the patch there (and
 only there: the test process and engines without the extension keep vLLM's own experts). It
 also lifts vllm-fse's user-facing refusal of FSE under EP on CPU
-(:func:`vllm_fse.decision.moe_experts_ignore_expert_map`), which exists because of the gap this
+(:func:`vllm_fse.core.decision.moe_experts_ignore_expert_map`), which exists because of the gap this
 module closes.
 """
 
@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from vllm.model_executor.layers.fused_moe.experts import cpu_moe
 
-from vllm_fse import decision
+from vllm_fse.core import decision
 
 _upstream_apply = cpu_moe.CPUUnquantizedExperts.apply
 # Calls of the experts with an expert_map (proof in each worker that the shim really ran).

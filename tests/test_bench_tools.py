@@ -316,7 +316,8 @@ def test_crossover_routed_mode_skips_the_shared_expert_and_other_modes_restore_i
     import torch
 
     from vllm_fse.bench.crossover import ALWAYS, FLOOR, set_mode
-    from vllm_fse.models.shared_slot_experts import SharedSlotExperts, SwitchPoint
+    from vllm_fse.auto.switch_point import SwitchPoint
+    from vllm_fse.core.layer import SharedSlotExperts
 
     calls = []
     slots = SharedSlotExperts.__new__(SharedSlotExperts)  # the op wiring needs a live runner; the modes do not

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from vllm_fse.models.fused_shared_experts import moe_layer_indices, shared_slot_scaling
+from vllm_fse.core.construction import moe_layer_indices, shared_slot_scaling
 
 pytestmark = pytest.mark.unit
 

@@ -1,4 +1,4 @@
-"""vllm_fse.decision: toggles, precedence, paths and every fallback reason.
+"""vllm_fse.core.decision: toggles, precedence, paths and every fallback reason.
 
 The platform and AITER state are what cannot exist on this machine, so they are patched; the
 configuration objects are plain namespaces with the fields plan_fse reads.
@@ -11,8 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from vllm_fse import decision
-from vllm_fse.decision import FsePath, plan_fse
+from vllm_fse.core import decision
+from vllm_fse.core.decision import FsePath, plan_fse
 from vllm_fse.loading import FormatKind
 
 pytestmark = pytest.mark.unit
@@ -254,7 +254,7 @@ def test_round_robin_placement_gives_every_ep_rank_an_equal_share_of_the_shared_
     shared-expert token rows (without replicas, one rank computes them all)."""
     from vllm.model_executor.layers.fused_moe.expert_map_manager import determine_expert_map
 
-    from vllm_fse.models.shared_slot_experts import shared_slot_ids
+    from vllm_fse.core.replicas import shared_slot_ids
 
     def shared_rows_per_rank(replicas: int) -> list[int]:
         maps = [determine_expert_map(ep_size, r, n_routed + n_shared * replicas, "round_robin")[1] for r in range(ep_size)]
@@ -429,7 +429,7 @@ def test_a_plan_left_to_vllm_swaps_nothing_during_construction(monkeypatch):
     import sys
     import types
 
-    from vllm_fse.models.fused_shared_experts import MoeFamily, moe_construction
+    from vllm_fse.core.construction import MoeFamily, moe_construction
 
     upstream = types.ModuleType("fake_family")
     upstream.resolve_layer_fused_shared_expert = resolve = lambda quant_config, prefix: "upstream's answer"

@@ -29,7 +29,7 @@ from equivalence import compare_outputs, compare_scores
 from safetensors.torch import load_file
 from vllm.model_executor.layers.fused_moe.expert_map_manager import determine_expert_map
 
-from vllm_fse.replicas import SharedSlotLayout
+from vllm_fse.core.replicas import SharedSlotLayout
 from vllm_fse.tiny_model import PRESETS
 
 pytestmark = pytest.mark.e2e

@@ -148,7 +148,7 @@ def test_every_replica_slot_gets_its_shared_experts_chunk_and_the_tracker_expect
 
 
 def test_shared_slot_ids_round_robin_tokens_over_replicas():
-    from vllm_fse.models.shared_slot_experts import shared_slot_ids
+    from vllm_fse.core.replicas import shared_slot_ids
 
     assert shared_slot_ids(5, 8, 2, 1).tolist() == [[8, 9]] * 5
     assert shared_slot_ids(5, 8, 2, 2).tolist() == [[8, 9], [10, 11], [8, 9], [10, 11], [8, 9]]

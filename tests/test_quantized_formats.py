@@ -11,8 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from vllm_fse import decision
-from vllm_fse.decision import FsePath, plan_fse
+from vllm_fse.core import decision
+from vllm_fse.core.decision import FsePath, plan_fse
 from vllm_fse.loading import (
     FORMATS,
     ROWS,

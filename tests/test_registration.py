@@ -127,7 +127,7 @@ def test_fse_not_asked_for_keeps_vllms_classes_and_declares_only_the_set_variabl
     ],
 )
 def test_what_asks_for_fse(monkeypatch, env, rocm, asked):
-    from vllm_fse import decision
+    from vllm_fse.core import decision
 
     for name in ("VLLM_FSE", "VLLM_FSE_FUSED_MAX_TOKENS", "VLLM_FSE_SHARED_REPLICAS", decision.AITER_FSE_ENV):
         monkeypatch.delenv(name, raising=False)
@@ -139,7 +139,7 @@ def test_what_asks_for_fse(monkeypatch, env, rocm, asked):
 
 @pytest.mark.parametrize(("name", "value"), [("VLLM_FSE", "yes"), ("VLLM_FSE_FUSED_MAX_TOKENS", "many")])
 def test_a_bad_plugin_variable_is_refused_even_with_fse_off(monkeypatch, name, value):
-    from vllm_fse import decision
+    from vllm_fse.core import decision
 
     monkeypatch.delenv("VLLM_FSE", raising=False)
     monkeypatch.setenv(name, value)

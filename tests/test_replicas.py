@@ -16,9 +16,9 @@ import torch
 from test_decision import warnings  # noqa: F401  (the fixture: vllm-fse's warning messages)
 from vllm.model_executor.layers.fused_moe.expert_map_manager import determine_expert_map
 
-from vllm_fse import decision
-from vllm_fse.decision import FsePath, FseUnsupportedSetup, plan_fse
-from vllm_fse.replicas import SharedSlotLayout, default_replicas
+from vllm_fse.core import decision
+from vllm_fse.core.decision import FsePath, FseUnsupportedSetup, plan_fse
+from vllm_fse.core.replicas import SharedSlotLayout, default_replicas
 
 pytestmark = pytest.mark.unit
 
@@ -113,7 +113,7 @@ def test_each_token_uses_one_copy_of_each_shared_expert_and_ranks_do_equal_share
 
 
 def test_the_fused_path_uses_the_layouts_token_slots():
-    from vllm_fse.models.shared_slot_experts import shared_slot_ids
+    from vllm_fse.core.replicas import shared_slot_ids
 
     layout = SharedSlotLayout(256, 2, 4, 8, "round_robin")
     assert torch.equal(shared_slot_ids(9, 256, 2, 4), layout.token_slots(9))

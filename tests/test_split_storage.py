@@ -10,8 +10,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from vllm_fse.models.fused_shared_experts import split_path_memory
-from vllm_fse.models.shared_slot_experts import SharedSlotExperts, SwitchPoint, slot_views
+from vllm_fse.auto.switch_point import SwitchPoint
+from vllm_fse.core.layer import SharedSlotExperts
+from vllm_fse.core.plan_log import split_path_memory
+from vllm_fse.core.split_storage import slot_views
 
 pytestmark = pytest.mark.unit
 

@@ -8,8 +8,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from vllm_fse.models import shared_slot_experts as sse
-from vllm_fse.models.shared_slot_experts import SwitchPoint, ladder, measure_switch_point
+from vllm_fse.auto import cache, calibration
+from vllm_fse.auto.calibration import ladder, measure_switch_point
+from vllm_fse.auto.switch_point import ALWAYS, SwitchPoint
+from vllm_fse.core.slot_buffers import SlotBuffers
 
 pytestmark = pytest.mark.unit
 
@@ -32,7 +34,7 @@ def _timings(monkeypatch, fused_wins) -> list[int]:
         asked.append(tokens)
         return (1.0, 2.0) if fused_wins(tokens) else (2.0, 1.0)
 
-    monkeypatch.setattr(sse, "time_paths", fake_time_paths)
+    monkeypatch.setattr(calibration, "time_paths", fake_time_paths)
     return asked
 
 
@@ -63,7 +65,7 @@ def _clock(monkeypatch):
     """Every ``perf_counter`` call advances one second: a size takes 1 s, so a 9.5 s budget
     times sizes 1, 2 and 4 and stops before 8 (elapsed 10 s + 2 x 1 s)."""
     clock = iter(range(1000))
-    monkeypatch.setattr(sse.time, "perf_counter", lambda: float(next(clock)))
+    monkeypatch.setattr(calibration.time, "perf_counter", lambda: float(next(clock)))
 
 
 def test_an_exhausted_budget_runs_the_untimed_sizes_fused_when_fused_won_the_last_two_sizes(monkeypatch):
@@ -120,34 +122,34 @@ def test_an_unresolved_switch_announces_the_plan_once_resolved():
 
 
 def test_slot_buffers_hold_the_shared_slots_once_and_are_reused():
-    switch = SwitchPoint.always_fused(16)
+    buffers = SlotBuffers(16)
     layer = SimpleNamespace(n_routed=6, n_shared=2, replicas=1, slot_weight=0.4)
     weights, ids = torch.rand(3, 4), torch.randint(0, 6, (3, 4), dtype=torch.int32)
-    ids_view, weights_view = switch.slot_buffers(layer, 3, weights, ids)
+    ids_view, weights_view = buffers.views(layer, 3, weights, ids)
     assert ids_view.shape == weights_view.shape == (3, 6) and ids_view.is_contiguous()
     assert ids_view.dtype == torch.int32 and weights_view.dtype == torch.float32
     assert ids_view[:, 4:].tolist() == [[6, 7]] * 3
     assert torch.all(weights_view[:, 4:] == 0.4)
-    again, _ = switch.slot_buffers(layer, 5, weights, ids)
+    again, _ = buffers.views(layer, 5, weights, ids)
     assert again.data_ptr() == ids_view.data_ptr()  # no per-step allocation
-    bigger, _ = switch.slot_buffers(layer, 40, weights, ids)  # beyond max_num_batched_tokens: grows
+    bigger, _ = buffers.views(layer, 40, weights, ids)  # beyond max_num_batched_tokens: grows
     assert bigger.shape == (40, 6) and bigger[:, 4:].tolist() == [[6, 7]] * 40
 
 
 def test_cache_file_round_trips_and_keeps_other_keys(tmp_path):
     path = tmp_path / "c" / "switch-points.json"
-    sse._write_cache(path, "a", {"fused_max_tokens": 3, "measured": []})
-    sse._write_cache(path, "b", {"fused_max_tokens": 5, "measured": [{"tokens": 1}]})
-    assert sse._read_cache(path) == {
+    cache.write_cache(path, "a", {"fused_max_tokens": 3, "measured": []})
+    cache.write_cache(path, "b", {"fused_max_tokens": 5, "measured": [{"tokens": 1}]})
+    assert cache.read_cache(path) == {
         "a": {"fused_max_tokens": 3, "measured": []},
         "b": {"fused_max_tokens": 5, "measured": [{"tokens": 1}]},
     }
     path.write_text("{not json")
-    assert sse._read_cache(path) == {}  # a damaged cache is measured again, not fatal
+    assert cache.read_cache(path) == {}  # a damaged cache is measured again, not fatal
 
 
 def test_cpu_description_names_the_vector_isa():
-    text = sse.device_description(torch.device("cpu"))
+    text = cache.device_description(torch.device("cpu"))
     assert text.endswith("]") and "[" in text
 
 
@@ -159,8 +161,8 @@ def test_graph_states_follow_the_switch_point_and_its_moves():
     other, _ = switch.graph_tensors()
     assert state.tolist() == other.tolist() == [64, 0]
     switch.routed_only = True
-    switch.fused_max_tokens = sse.ALWAYS
-    assert state.tolist() == [sse.ALWAYS, 1]
+    switch.fused_max_tokens = ALWAYS
+    assert state.tolist() == [ALWAYS, 1]
 
 
 def test_calls_add_the_graph_counters_to_the_op_choices():

@@ -8,7 +8,7 @@ imports a model module; vLLM imports the model lazily from the ``"module:Class"`
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from vllm_fse.version import __version__
 
 # Upstream architecture name -> the plugin's class, as a lazy "module:Class" string.
 MODEL_OVERRIDES: dict[str, str] = {
@@ -37,7 +37,7 @@ def register() -> None:
     back) vLLM's own.
 
     Asked for: ``VLLM_FSE=1`` or ``auto``, or vLLM's ``VLLM_ROCM_USE_AITER_FUSION_SHARED_EXPERTS``
-    on ROCm (:func:`vllm_fse.decision.fse_requested`). Otherwise the plugin registers nothing and
+    on ROCm (:func:`vllm_fse.core.decision.fse_requested`). Otherwise the plugin registers nothing and
     vLLM runs its own classes, target and draft; it only declares the plugin variables that are
     set, so that vLLM does not call them unknown, and still refuses a bad value of one.
 
@@ -47,7 +47,7 @@ def register() -> None:
     """
     global _reported
     from vllm_fse.compat import declare_plugin_env_vars, logger, supported_vllm_version
-    from vllm_fse.decision import fse_requested
+    from vllm_fse.core.decision import fse_requested
 
     if not fse_requested():  # raises for a bad value of a plugin variable
         declare_plugin_env_vars(active=False)

@@ -9,13 +9,13 @@ The list (``PATCHES``):
 1. ``resolve_layer_fused_shared_expert`` in each family's upstream module that has it
    (``vllm.model_executor.models.glm4_moe``, ``...deepseek_v2``, ``...qwen3_next``; Qwen2-MoE's
    ``...qwen2_moe`` has none: its block always hands its shared MLP to the factory): swapped while a plugin model is
-   constructed (:func:`~vllm_fse.models.fused_shared_experts.moe_construction`), restored after.
+   constructed (:func:`~vllm_fse.core.construction.moe_construction`), restored after.
    Why: upstream's MoE block asks it whether to fuse, and it answers only for ROCm AITER. How:
-   answers from the plugin's :class:`~vllm_fse.decision.FsePlan`. Goes when upstream takes a
+   answers from the plugin's :class:`~vllm_fse.core.decision.FsePlan`. Goes when upstream takes a
    backend-neutral decision from the model (a ``fuse_shared_experts`` argument to the block).
 2. ``FusedMoEFactory`` in the same modules: swapped during construction.
    Why: to build the widened layer (``n_routed + n_shared`` experts, vLLM's router for the routed
-   top-k) and attach :class:`~vllm_fse.models.shared_slot_experts.SharedSlotExperts`. How: a
+   top-k) and attach :class:`~vllm_fse.core.layer.SharedSlotExperts`. How: a
    factory that calls the real one with the widened counts. Goes when vLLM's factory appends
    shared slots on every backend (its router-append path is ROCm-only in 0.32).
    The families' MoE blocks (``Glm4MoE``, ``DeepseekV2MoE``, ``Qwen2MoeSparseMoeBlock``,
@@ -29,7 +29,8 @@ The list (``PATCHES``):
    compiled CPU mode traces it, traces both paths (each calling the original bound method)
    under ``torch.cond`` on ``tokens <= N``, N read from a buffer the plugin registers on the
    runner module (``fse_switch_state``, with the counter ``fse_path_calls``); otherwise calls
-   the opaque op ``vllm_fse::shared_slot_experts``, which runs the chosen path. Goes with 2.
+   the opaque op ``vllm_fse::shared_slot_experts``, which runs the chosen path (both in
+   :mod:`vllm_fse.core.layer`; the switch point in :mod:`vllm_fse.auto.switch_point`). Goes with 2.
 4. ``vllm.model_executor.layers.fused_moe.fused_moe.get_moe_configs``: wrapped once a widened
    layer exists (:func:`resolve_widened_moe_configs`). Why: vLLM's Triton MoE looks up tuned
    kernel configs by file name ``E=<experts>,N=...``; no file exists for the widened
@@ -76,8 +77,8 @@ The list (``PATCHES``):
    method processed its weights for its kernel (0.32/0.33: ``model.process_weights_after_loading()``
    after that loop; 0.34: through ``weight_utils.finalize_model_weights``, every module's hook with
    its children first, so the model's still runs last, and again after every reload). Why: only then can the split path's dense MLP be pointed at a shared slot that holds
-   the same matrices (:meth:`~vllm_fse.models.shared_slot_experts.SharedSlotExperts.read_split_weights_from_slot`),
-   and only then does the plan line know where those weights live. How: the mixin's method calls
+   the same matrices (:meth:`~vllm_fse.core.layer.SharedSlotExperts.read_split_weights_from_slot`),
+   and only then does the plan line know where those weights live. How: the mixin's method (:mod:`vllm_fse.core.model`) calls
    upstream's own (if the model class has one) first. Goes when the split path is gone (with 2).
 10. glibc malloc's heap trimming (``mallopt``, a process setting, not a vLLM name): under
     ``VLLM_FSE=auto`` in vLLM's compiled CPU mode, the engine process keeps freed heap memory

@@ -64,7 +64,7 @@ def set_fused_max_tokens(model, value: int | None) -> int:
 def set_mode(model, mode: str) -> None:
     """Run every following step as ``mode``: one of MODES, or FLOOR (each MoE layer runs its
     routed experts only; the engine must be built with the routed branch, see run)."""
-    from vllm_fse.models.shared_slot_experts import BENCH_ROUTED_KEY
+    from vllm_fse.auto.switch_point import BENCH_ROUTED_KEY
 
     switch = _switch(model)
     if mode == FLOOR and not switch.bench_routed_path:
@@ -81,7 +81,7 @@ def time_moe_layer(model, sizes: list[int], reps: int) -> list[dict]:
     """Fused and split call times of the model's first MoE layer at each token count."""
     import torch
 
-    from vllm_fse.models.shared_slot_experts import time_paths
+    from vllm_fse.auto.calibration import time_paths
 
     _switch(model)
     slots = next(m.fse_shared_slots for m in model.modules() if hasattr(m, "fse_shared_slots"))
@@ -206,7 +206,7 @@ def run(args: argparse.Namespace) -> Path:
     import gc
 
     from vllm_fse.introspect import switch_state
-    from vllm_fse.models.shared_slot_experts import BENCH_ROUTED_KEY
+    from vllm_fse.auto.switch_point import BENCH_ROUTED_KEY
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

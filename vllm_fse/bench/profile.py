@@ -37,30 +37,11 @@ from vllm_fse.bench.arms import (
     parse_env,
     resolve_model,
 )
+from vllm_fse.bench.op_categories import category
 from vllm_fse.bench.profile_prefill import add_prefill_arguments, run_prefill_profile
 
-# Operator categories (CPU build names; first match wins). vLLM's default CPU mode runs the model
-# as one compiled graph, so time is attributed per operator rather than per module: the unfused
-# shared-expert MLP shows up as extra GEMM calls, FSE's extra slot as expert-kernel time.
-CATEGORIES = (
-    ("MoE experts kernel", ("cpu_fused_moe", "fused_moe", "fused_experts")),
-    ("GEMM", ("onednn_mm", "aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul", "gemm")),
-    ("attention", ("attention", "attn", "kv_cache")),
-    ("routing", ("topk", "sigmoid", "softmax", "grouped_topk")),
-    ("norm and activation", ("rms_norm", "silu", "gelu", "layer_norm")),
-    ("graph and Python glue", ("CompiledFxGraph", "Pregraph", "AOTDispatcher", "Torch-Compiled Region")),
-)
-OTHER = "other"
 # The operators that are one GEMM call each (aten::linear and aten::matmul wrap one of these).
 GEMM_CALL_OPS = ("_C::onednn_mm", "aten::mm", "aten::addmm")
-
-
-def category(op_name: str) -> str:
-    lowered = op_name.lower()
-    for name, needles in CATEGORIES:
-        if any(n.lower() in lowered for n in needles):
-            return name
-    return OTHER
 
 
 def add_profile_arguments(parser: argparse.ArgumentParser) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 from unittest import mock
 
 from vllm_fse.bench import engines as eng
+from vllm_fse.bench.op_categories import category
 
 DEFAULT_ARMS = ["off=0", "auto=auto"]
 
@@ -49,8 +50,6 @@ def add_prefill_arguments(parser: argparse.ArgumentParser) -> None:
 def report_lines(names: list[str], tokens: int, rounds: int, wall: dict, faults: dict,
                  per_step: dict[str, dict[str, float]], calls: dict[str, dict[str, float]], top: int) -> list[str]:  # fmt: skip
     """The text report from per-arm self CPU ms and calls per step, by operator."""
-    from vllm_fse.bench.profile import category
-
     base = names[0]
     lines = [f"prefill step of {tokens} tokens ({rounds} profiled rounds per arm, median wall ms): "
              + ", ".join(f"{n} {statistics.median(wall[n]):.1f}" for n in names),

@@ -18,7 +18,8 @@ from vllm.model_executor.models.deepseek_v2 import (
     DeepseekV3ForCausalLM as UpstreamDeepseekV3ForCausalLM,
 )
 
-from vllm_fse.models.fused_shared_experts import FusedSharedExpertsMixin, MoeFamily
+from vllm_fse.core.construction import MoeFamily
+from vllm_fse.core.model import FusedSharedExpertsMixin
 
 
 def deepseek_v2_split_mlp(

@@ -7,7 +7,8 @@ from vllm.model_executor.models.glm4_moe import (
     Glm4MoeForCausalLM as UpstreamGlm4MoeForCausalLM,
 )
 
-from vllm_fse.models.fused_shared_experts import FusedSharedExpertsMixin, MoeFamily
+from vllm_fse.core.construction import MoeFamily
+from vllm_fse.core.model import FusedSharedExpertsMixin
 
 
 def glm4_moe_split_mlp(

@@ -11,7 +11,7 @@ from vllm.model_executor.models.glm4_moe_lite import (
 )
 from vllm.model_executor.models.glm4_moe_lite_mtp import Glm4MoeLiteMTP as UpstreamGlm4MoeLiteMTP
 
-from vllm_fse.models.fused_shared_experts import FusedSharedExpertsMixin
+from vllm_fse.core.model import FusedSharedExpertsMixin
 from vllm_fse.models.glm4_moe import GLM4_MOE
 
 

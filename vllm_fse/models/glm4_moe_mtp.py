@@ -9,7 +9,7 @@ from __future__ import annotations
 from vllm.compilation.decorators import support_torch_compile
 from vllm.model_executor.models.glm4_moe_mtp import Glm4MoeMTP as UpstreamGlm4MoeMTP
 
-from vllm_fse.models.fused_shared_experts import FusedSharedExpertsMixin
+from vllm_fse.core.model import FusedSharedExpertsMixin
 from vllm_fse.models.glm4_moe import GLM4_MOE
 
 

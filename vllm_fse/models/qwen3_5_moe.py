@@ -12,7 +12,7 @@ NVIDIA's own implementation on CUDA (it still builds ``Qwen3NextSparseMoeBlock``
 from __future__ import annotations
 
 from vllm_fse.compat import vllm_model_class
-from vllm_fse.models.fused_shared_experts import FusedSharedExpertsMixin
+from vllm_fse.core.model import FusedSharedExpertsMixin
 from vllm_fse.models.qwen_moe import QWEN3_NEXT, QwenDraftMixin
 
 UpstreamQwen3_5MoeForCausalLM = vllm_model_class("Qwen3_5MoeForCausalLM")

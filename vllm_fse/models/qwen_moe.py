@@ -6,7 +6,7 @@ What differs from GLM/DeepSeek: one shared MLP ``mlp.shared_expert`` of width
 ``shared_expert_intermediate_size`` whose output is scaled per token by
 ``sigmoid(mlp.shared_expert_gate(x))``. The core turns it into ``ceil(width /
 moe_intermediate_size)`` slots whose weight is that per-token value (see
-:class:`~vllm_fse.decision.SharedExpertShape`). MoE layers follow ``mlp_only_layers`` and
+:class:`~vllm_fse.core.decision.SharedExpertShape`). MoE layers follow ``mlp_only_layers`` and
 ``decoder_sparse_step``; MTP layers are ``mtp.layers.K``. Qwen2-MoE's block always builds its
 shared MLP and hands it to ``FusedMoEFactory``; the Qwen3 blocks ask
 ``resolve_layer_fused_shared_expert`` (upstream's ROCm AITER path, which this plugin leaves to
@@ -26,7 +26,8 @@ from vllm.model_executor.models.qwen3_next import (
 )
 from vllm.model_executor.models.qwen3_next_mtp import Qwen3NextMTP as UpstreamQwen3NextMTP
 
-from vllm_fse.models.fused_shared_experts import FusedSharedExpertsMixin, MoeFamily
+from vllm_fse.core.construction import MoeFamily
+from vllm_fse.core.model import FusedSharedExpertsMixin
 
 MTP_PREFIX = "mtp."
 _DECODER_LAYER = re.compile(r"(?:^|\.)layers\.\d+\.")

@@ -6,7 +6,7 @@ model never decides on its own. Precedence of the toggles (default: off):
 1. ``VLLM_FSE=0`` forces FSE off everywhere, whatever else is set.
 2. ``VLLM_FSE=1`` turns it on for any platform: every step runs fused.
 3. ``VLLM_FSE=auto`` turns it on too, and every step picks fused or split by its token count
-   (backend-neutral path; see :mod:`vllm_fse.models.shared_slot_experts`). The switch point is
+   (backend-neutral path; see :mod:`vllm_fse.core.layer` and :mod:`vllm_fse.auto`). The switch point is
    ``VLLM_FSE_FUSED_MAX_TOKENS`` when set, else measured on this machine at startup (cached).
 4. On ROCm, vLLM's own ``VLLM_ROCM_USE_AITER_FUSION_SHARED_EXPERTS=1`` turns it on too, when
    AITER MoE is active (``VLLM_ROCM_USE_AITER=1``, ``VLLM_ROCM_USE_AITER_MOE=1``), as upstream.
@@ -34,7 +34,7 @@ from vllm_fse.loading import (
     slot_alignment_refusal,
 )
 from vllm_fse.loading import refusal as format_refusal
-from vllm_fse.replicas import SharedSlotLayout, default_replicas, effective_placement, spreading_replicas
+from vllm_fse.core.replicas import SharedSlotLayout, default_replicas, effective_placement, spreading_replicas
 
 FSE_ENV = "VLLM_FSE"
 FUSED_MAX_TOKENS_ENV = "VLLM_FSE_FUSED_MAX_TOKENS"
@@ -130,7 +130,7 @@ class FsePlan:
 
     @property
     def layout(self) -> SharedSlotLayout:
-        """The shared slots' ids, copies and expert-parallel ranks (:mod:`vllm_fse.replicas`)."""
+        """The shared slots' ids, copies and expert-parallel ranks (:mod:`vllm_fse.core.replicas`)."""
         return SharedSlotLayout(
             self.n_routed_experts, self.n_shared_experts, self.shared_replicas, self.ep_size, self.placement
         )
@@ -470,7 +470,7 @@ def expert_parallel_placement(vllm_config) -> tuple[int, str]:
 
 def _replicas_for(requested: int | None, n_shared: int, ep_size: int, placement: str) -> int:
     """The copies of each shared expert: VLLM_FSE_SHARED_REPLICAS, or the balanced default
-    (:mod:`vllm_fse.replicas`); under expert parallelism a count that could only waste memory
+    (:mod:`vllm_fse.core.replicas`); under expert parallelism a count that could only waste memory
     (copies on one rank, or unequal shares) is replaced by the default, with a warning."""
     balanced = default_replicas(n_shared, ep_size, placement)
     if requested is None:

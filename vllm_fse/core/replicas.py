@@ -134,8 +134,6 @@ class SharedSlotLayout:
 
     def describe(self, per_slot_bytes: int, n_layers: int, rank: int | None = None) -> str:
         """Which shared slots each rank holds and what they cost it (every MoE layer)."""
-        from vllm_fse.models.fused_shared_experts import _format_bytes as format_bytes
-
         copies = f"{self.replicas} replicas of each shared expert (row t uses replica t % {self.replicas})" \
             if self.replicas > 1 else "one copy of each shared expert"  # fmt: skip
         if self.ep_size <= 1:
@@ -152,3 +150,11 @@ class SharedSlotLayout:
         )  # fmt: skip
         return (f"{copies}; EP {self.ep_size}, {self.placement} placement, {balance}; "
                 f"per rank (slot ids per layer, bytes over {n_layers} layers): " + "; ".join(ranks))  # fmt: skip
+
+
+def format_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024 or unit == "MiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"
