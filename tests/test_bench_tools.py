@@ -312,40 +312,71 @@ def test_crossover_decode_schedule_pairs_adjacent_steps_and_rotates_the_leader()
     assert [cycle[0] for cycle in cycles[: len(arms)]] == list(arms)  # each arm leads in turn
 
 
-def test_crossover_routed_mode_skips_the_shared_expert_and_other_modes_restore_it():
+def _moe_model(layer_cls):
+    """A model with one layer of ``layer_cls`` over stand-in experts whose output says the path:
+    routed top-k r -> x * r, fused (shared slot 4 at weight 1) -> x * (r + 5), split (the MLP
+    is 2 * identity) -> x * (r + 2)."""
     import torch
 
-    from vllm_fse.bench.crossover import ALWAYS, FLOOR, set_mode
     from vllm_fse.auto.switch_point import SwitchPoint
-    from vllm_fse.core.layer import SharedSlotExperts
 
-    calls = []
-    slots = SharedSlotExperts.__new__(SharedSlotExperts)  # the op wiring needs a live runner; the modes do not
-    slots.switch = SwitchPoint.auto_switch(8, 64)
-    slots.gate = None
-    slots.slot_weight = 1.0
-    slots._experts = lambda x, w, i: calls.append(("experts", i.shape[1])) or torch.zeros_like(x)
-    slots._mlp = lambda x: calls.append(("mlp",)) or torch.ones_like(x)
-    slots._fused_views = {}
+    class Routed(torch.nn.Module):
+        quant_method = None
+
+        def forward_modular(self, x, topk_weights, topk_ids):
+            return x * (topk_weights * (topk_ids + 1)).sum(1, keepdim=True)
+
+    runner = torch.nn.Module()
+    runner.layer_name = "model.layers.1.mlp.experts"
+    runner.routed_experts = Routed()
+    mlp = torch.nn.Linear(4, 4, bias=False).requires_grad_(False)
+    mlp.weight.copy_(2 * torch.eye(4))
+    slots = layer_cls(runner, SwitchPoint.auto_switch(8, 64), n_routed=4, n_shared=1, slot_weight=1.0, split_mlp=mlp)
+    slots._experts, slots._mlp = slots._forward_modular, slots.split_mlp  # bound: no CPU kernels here
     model = torch.nn.Module()
-    model.block = torch.nn.Module()
-    model.block.fse_shared_slots = slots
+    model.block = runner
     model.fse_switch = slots.switch
-    x, w, ids = torch.zeros(2, 4), torch.rand(2, 3), torch.zeros(2, 3, dtype=torch.int32)
+    return model, slots
 
-    with pytest.raises(RuntimeError, match="vllm_fse_bench_routed_path"):
-        set_mode(model, FLOOR)  # a compiled graph without the routed branch would measure split
-    slots.switch.bench_routed_path = True
-    set_mode(model, FLOOR)
-    assert slots.switch.fused_max_tokens == 0
-    assert slots(x, w, ids).sum() == 0 and calls == [("experts", 3)]  # routed experts only
-    assert slots.switch.calls == {"fused": 0, "split": 0}  # not a lossless path: not counted
-    calls.clear()
-    set_mode(model, "split")
-    assert slots(x, w, ids).sum() == x.numel() and calls == [("mlp",), ("experts", 3)]
-    assert slots.switch.calls == {"fused": 0, "split": 1}
+
+def test_crossover_routed_mode_runs_the_routed_experts_alone_in_the_graph_and_other_modes_restore_it():
+    import torch
+    from torch._dynamo.testing import CompileCounter
+
+    from vllm_fse.bench.crossover import ALWAYS, FLOOR, set_mode
+    from vllm_fse.bench.routed_only import ROUTED_ONLY_CONFIG, RoutedOnlySharedSlotExperts
+    from vllm_fse.core.layer import LAYER_CLASS_KEY, SharedSlotExperts, layer_class
+
+    # The hook: the bench config builds the bench layer; none, the core's; anything else is refused.
+    assert layer_class(None) is layer_class({}) is SharedSlotExperts
+    assert layer_class(ROUTED_ONLY_CONFIG) is RoutedOnlySharedSlotExperts
+    with pytest.raises(ValueError, match="not a subclass of SharedSlotExperts"):
+        layer_class({LAYER_CLASS_KEY: "torch.nn:Linear"})
+    plain, _ = _moe_model(SharedSlotExperts)
+    with pytest.raises(RuntimeError, match=LAYER_CLASS_KEY):
+        set_mode(plain, FLOOR)  # a compiled graph without the routed branch would measure split
+    set_mode(plain, "split")  # the lossless modes need no bench layer
+
+    model, slots = _moe_model(RoutedOnlySharedSlotExperts)
+    # As vLLM's compiled CPU mode: the layer's expert call traced whole (torch.cond on live buffers).
+    counter = CompileCounter()
+    traced = torch.compile(slots._op_entry, backend=counter, fullgraph=True)
+    x, w = torch.rand(2, 4), torch.rand(2, 3)
+    ids = torch.tensor([[0, 1, 2], [1, 2, 3]], dtype=torch.int32)
+    r = x * (w * (ids + 1)).sum(1, keepdim=True)
+    expected = {FLOOR: r, "split": r + 2 * x, "fused": r + 5 * x, "auto": r + 5 * x}  # auto: 2 <= 8 tokens
+    for mode in (FLOOR, "split", "fused", "auto", FLOOR):
+        set_mode(model, mode)
+        slots.switch.reset_calls()
+        torch.testing.assert_close(slots(x, w, ids), expected[mode], msg=f"{mode}, eager")
+        torch.testing.assert_close(traced(x, w, ids), expected[mode], msg=f"{mode}, traced")
+        # A routed-only step is no lossless path: counted neither in the op nor in the graph.
+        path = {FLOOR: None, "split": "split"}.get(mode, "fused")
+        assert slots.switch.calls == {p: 2 * (p == path) for p in ("fused", "split")}, mode
+    assert counter.frame_count == 1  # one graph holds every mode: the flag is read live
+    assert slots.switch.fused_max_tokens == 0  # FLOOR runs split underneath
     set_mode(model, "fused")
-    assert slots.switch.fused_max_tokens == ALWAYS
+    assert slots.switch.fused_max_tokens == ALWAYS and not slots.routed_only
     set_mode(model, "auto")
     assert slots.switch.fused_max_tokens == 8  # back to the calibrated switch point
 

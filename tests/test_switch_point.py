@@ -156,13 +156,14 @@ def test_cpu_description_names_the_vector_isa():
 def test_graph_states_follow_the_switch_point_and_its_moves():
     switch = SwitchPoint.auto_switch(None, 2048)
     state, calls = switch.graph_tensors()
-    assert state.tolist() == [-1, 0]  # unresolved: the graph runs split (unfused), never a stale N
+    assert state.tolist() == [-1]  # unresolved: the graph runs split (unfused), never a stale N
     switch.fused_max_tokens = 64
     other, _ = switch.graph_tensors()
-    assert state.tolist() == other.tolist() == [64, 0]
-    switch.routed_only = True
+    assert state.tolist() == other.tolist() == [64]
     switch.fused_max_tokens = ALWAYS
-    assert state.tolist() == [ALWAYS, 1]
+    assert state.tolist() == [ALWAYS]
+    switch.fused_max_tokens = 0
+    assert state.tolist() == other.tolist() == [0]
 
 
 def test_calls_add_the_graph_counters_to_the_op_choices():

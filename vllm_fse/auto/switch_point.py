@@ -18,15 +18,10 @@ import torch
 
 ALWAYS = sys.maxsize
 
-# Path codes of a step chosen in the opaque op. ROUTED: the routed experts only, no
-# shared expert; not lossless, only ``vllm-fse bench crossover`` selects it (the limit).
-FUSED, SPLIT, ROUTED = 0, 1, 2
+# Path codes of a step chosen in the opaque op.
+FUSED, SPLIT = 0, 1
 
-PATH_NAMES = ("fused", "split", "routed")
-
-# vLLM's additional_config key that compiles the ROUTED branch into the graph (benchmark only;
-# additional_config is part of vLLM's compile-cache key, so such graphs are cached apart).
-BENCH_ROUTED_KEY = "vllm_fse_bench_routed_path"
+PATH_NAMES = ("fused", "split")
 
 
 class SwitchedLayer(Protocol):
@@ -54,36 +49,32 @@ class SwitchPoint:
     fused_max_tokens: int | None
     source: str
     max_num_batched_tokens: int
-    # Benchmark only: every step runs the routed experts alone (``vllm-fse bench crossover``).
-    routed_only: bool = False
-    # The compiled graph holds the ROUTED branch (additional_config[BENCH_ROUTED_KEY]).
-    bench_routed_path: bool = False
     measured: list[dict] = field(default_factory=list)
     resolve_s: float = 0.0
     _announce: Callable[[], None] | None = None
     _buffers: dict = field(default_factory=dict)
     # Per path, MoE layer calls chosen inside the opaque op (eager mode, CUDA graphs).
     _op_calls: dict[str, int] = field(default_factory=lambda: {"fused": 0, "split": 0})
-    # Per MoE layer of vLLM's compiled CPU graph: its ``[fused_max_tokens, routed_only]`` (the
-    # graph reads it every step) and its ``[fused, split]`` call counter (the graph adds to it).
+    # Per MoE layer of vLLM's compiled CPU graph: its ``[fused_max_tokens]`` (the graph reads it
+    # every step) and its ``[fused, split]`` call counter (the graph adds to it).
     _graph_states: list[torch.Tensor] = field(default_factory=list)
     _graph_calls: list[torch.Tensor] = field(default_factory=list)
 
     def __setattr__(self, name: str, value) -> None:
         object.__setattr__(self, name, value)
-        if name in ("fused_max_tokens", "routed_only") and "_graph_states" in self.__dict__:
+        if name == "fused_max_tokens" and "_graph_states" in self.__dict__:
             self._write_graph_states()
 
     def _write_graph_states(self) -> None:
         # Unresolved: -1, every graph step split (vLLM's unfused computation).
         n = -1 if self.fused_max_tokens is None else min(self.fused_max_tokens, ALWAYS)
         for state in self._graph_states:
-            state.copy_(torch.tensor([n, int(self.routed_only)], dtype=torch.int64))
+            state.fill_(n)
 
     def graph_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """A new MoE layer's state and counter tensors (its module registers them as buffers,
         so the compiled graph reads and updates the live tensors)."""
-        state, calls = torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int64)
+        state, calls = torch.zeros(1, dtype=torch.int64), torch.zeros(2, dtype=torch.int64)
         self._graph_states.append(state)
         self._graph_calls.append(calls)
         self._write_graph_states()
@@ -93,9 +84,9 @@ class SwitchPoint:
     def calls(self) -> dict[str, int]:
         """Per path, how many MoE layer calls ran it (a test's proof that both paths ran). Steps
         of ``VLLM_FSE=1`` in vLLM's compiled CPU mode have no choice to make and are not counted;
-        nor are the benchmark's routed-only steps."""
+        nor are steps of a path that a layer subclass adds."""
         graph = self.chosen_in_graph()
-        return {path: self._op_calls[path] + graph[i] for i, path in enumerate(PATH_NAMES[:2])}
+        return {path: self._op_calls[path] + graph[i] for i, path in enumerate(PATH_NAMES)}
 
     def chosen_in_graph(self) -> list[int]:
         return [sum(int(c[i]) for c in self._graph_calls) for i in range(2)]
@@ -130,8 +121,6 @@ class SwitchPoint:
         return tokens <= self.fused_max_tokens
 
     def path_for(self, tokens: int) -> int:
-        if self.routed_only:
-            return ROUTED
         return FUSED if self.fused_for(tokens) else SPLIT
 
     def describe(self) -> str:

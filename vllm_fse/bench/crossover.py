@@ -63,17 +63,11 @@ def set_fused_max_tokens(model, value: int | None) -> int:
 
 def set_mode(model, mode: str) -> None:
     """Run every following step as ``mode``: one of MODES, or FLOOR (each MoE layer runs its
-    routed experts only; the engine must be built with the routed branch, see run)."""
-    from vllm_fse.auto.switch_point import BENCH_ROUTED_KEY
+    routed experts only; the engine must be built with ROUTED_ONLY_CONFIG, see run)."""
+    from vllm_fse.bench.routed_only import set_routed_only
 
-    switch = _switch(model)
-    if mode == FLOOR and not switch.bench_routed_path:
-        # A compiled graph without the routed branch would run split instead: a wrong measurement.
-        raise RuntimeError(
-            f"vllm-fse: the routed-only benchmark path needs the model built with "
-            f"additional_config={{{BENCH_ROUTED_KEY!r}: True}}"
-        )
-    switch.routed_only = mode == FLOOR
+    _switch(model)
+    set_routed_only(model, mode == FLOOR)
     set_fused_max_tokens(model, _mode_value(mode))
 
 
@@ -205,8 +199,8 @@ def _ratios(per_round: dict[str, list[float]]) -> dict:
 def run(args: argparse.Namespace) -> Path:
     import gc
 
+    from vllm_fse.bench.routed_only import ROUTED_ONLY_CONFIG
     from vllm_fse.introspect import switch_state
-    from vllm_fse.auto.switch_point import BENCH_ROUTED_KEY
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -218,7 +212,7 @@ def run(args: argparse.Namespace) -> Path:
     off_llm = build_off() if args.confirm_off and args.off_built == "first" else None
     started = time.perf_counter()
     # The routed-only benchmark path (FLOOR) compiled into the graph.
-    llm = build_engine(shape, model, dtype, "auto", additional_config={BENCH_ROUTED_KEY: True})
+    llm = build_engine(shape, model, dtype, "auto", additional_config=ROUTED_ONLY_CONFIG)
     startup_s = time.perf_counter() - started
     if args.confirm_off and args.off_built == "last":
         off_llm = build_off()

@@ -112,6 +112,7 @@ def _backend_neutral_factory(
     real_factory: Callable,
     dtype: torch.dtype | None,
     slot_buffers: SlotBuffers,
+    layer_cls: type[SharedSlotExperts],
 ) -> Callable:
     def factory(
         *,
@@ -205,7 +206,7 @@ def _backend_neutral_factory(
                 # As the block built its FusedMoE: the runner reduces the sum accordingly.
                 is_sequence_parallel=kwargs.get("is_sequence_parallel", False),
             )
-        slots = SharedSlotExperts(
+        slots = layer_cls(
             runner,
             switch,
             n_routed=num_experts,
@@ -230,8 +231,10 @@ def moe_construction(
     plan: FsePlan,
     switch: SwitchPoint | None,
     dtype: torch.dtype | None = None,
+    layer_cls: type[SharedSlotExperts] = SharedSlotExperts,
 ) -> Iterator[None]:
-    """Build the family's upstream MoE blocks according to ``plan`` (see the module docstring).
+    """Build the family's upstream MoE blocks according to ``plan`` (see the module docstring);
+    the backend-neutral path's layers as ``layer_cls`` (:func:`~vllm_fse.core.layer.layer_class`).
 
     Swaps two names in the family's upstream module for the duration of one model's construction
     (single-threaded, restored on exit); see :mod:`vllm_fse.patches`.
@@ -244,7 +247,7 @@ def moe_construction(
     quiet = contextlib.nullcontext()
     if plan.path is FsePath.BACKEND_NEUTRAL:
         buffers = SlotBuffers(switch.max_num_batched_tokens)  # one pair for the model's MoE layers
-        module.FusedMoEFactory = _backend_neutral_factory(plan, switch, family, real_factory, dtype, buffers)
+        module.FusedMoEFactory = _backend_neutral_factory(plan, switch, family, real_factory, dtype, buffers, layer_cls)
         quiet = no_aiter_fse_line()  # vLLM 0.34 would call the plugin's fused blocks AITER's
     try:
         with quiet:

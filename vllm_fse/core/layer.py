@@ -24,6 +24,11 @@ token count would be frozen at trace time), and captures CUDA graphs per batch s
   ``vllm_fse::shared_slot_experts``, run eagerly at every step (and once per captured size under
   CUDA graphs); it resolves the switch point at its first call.
 
+A subclass may add a path (the hook ``vllm-fse bench`` uses): :data:`LAYER_CLASS_KEY` in vLLM's
+``additional_config`` names the class every MoE layer of the model is built as (the key is part of
+vLLM's compile-cache key, so its graphs are cached apart); it overrides :meth:`SharedSlotExperts._traced_choice`
+(the compiled CPU graph) and ``__call__`` (the opaque op).
+
 The rule itself, the per-model :class:`~vllm_fse.auto.switch_point.SwitchPoint`, and how its N is
 found (override, cache, measurement) live in :mod:`vllm_fse.auto`; docs/design.md says what the
 choice of where to switch cost when measured.
@@ -31,6 +36,7 @@ choice of where to switch cost when measured.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 
 import torch
@@ -39,7 +45,7 @@ from vllm.forward_context import get_forward_context
 from vllm.utils.torch_utils import direct_register_custom_op
 
 from vllm_fse.auto.calibration import resolve_switch_point
-from vllm_fse.auto.switch_point import FUSED, PATH_NAMES, ROUTED, SPLIT, SwitchPoint
+from vllm_fse.auto.switch_point import FUSED, PATH_NAMES, SwitchPoint
 from vllm_fse.core.kernels import cpu_dense_mlp, cpu_moe_kernel
 from vllm_fse.core.replicas import shared_slot_ids  # which replica a token row uses (and where it runs)
 from vllm_fse.core.slot_buffers import SlotBuffers
@@ -153,17 +159,16 @@ class SharedSlotExperts:
             return self._fused_traced(x, topk_weights, topk_ids)
         # The step's path from its token count and the live switch point: a few scalar ops in
         # the graph, cheaper than an opaque op here (docs/design.md, "Where the choice is made").
-        state = self.runner.fse_switch_state
-        fused = x.shape[0] <= state[0]
-        if not self.switch.bench_routed_path:
-            self.runner.fse_path_calls.add_(torch.stack([fused, ~fused]))
-            return torch.cond(fused, self._fused_traced, self._split_traced, (x, topk_weights, topk_ids))
-        lossless = state[1] == 0
-        self.runner.fse_path_calls.add_(torch.stack([fused & lossless, ~fused & lossless]))
-        return torch.cond(fused & lossless, self._fused_traced, self._split_or_routed_traced,
-                          (x, topk_weights, topk_ids, lossless))  # fmt: skip
+        fused = x.shape[0] <= self.runner.fse_switch_state[0]
+        return self._traced_choice(fused, x, topk_weights, topk_ids)
 
-    def _fused_traced(self, x, topk_weights, topk_ids, lossless=None) -> torch.Tensor:
+    def _traced_choice(self, fused: torch.Tensor, x, topk_weights, topk_ids) -> torch.Tensor:
+        """The traced step given ``fused`` (a bool tensor: the step is at most N tokens); counted
+        in the graph. A subclass that adds a path overrides this."""
+        self.runner.fse_path_calls.add_(torch.stack([fused, ~fused]))
+        return torch.cond(fused, self._fused_traced, self._split_traced, (x, topk_weights, topk_ids))
+
+    def _fused_traced(self, x, topk_weights, topk_ids) -> torch.Tensor:
         """The shared slots appended to each token's top-k (Inductor writes both in one kernel)."""
         tokens = x.shape[0]
         shared_ids = shared_slot_ids(tokens, self.n_routed, self.n_shared, self.replicas).to(topk_ids)
@@ -175,19 +180,13 @@ class SharedSlotExperts:
         weights = torch.cat([topk_weights, shared_w], dim=1)
         return self._forward_modular(x, weights, ids)
 
-    def _split_traced(self, x, topk_weights, topk_ids, lossless=None) -> torch.Tensor:
+    def _split_traced(self, x, topk_weights, topk_ids) -> torch.Tensor:
         """As vLLM's unfused layer: the shared MLP module first, then the routed experts."""
         shared = self.split_mlp(x)
         if self.gate is not None:
             shared = shared * self.gate_weight(x)
         out = self._forward_modular(x, topk_weights, topk_ids)
         return torch.add(out, shared, alpha=self.slot_weight)
-
-    def _routed_traced(self, x, topk_weights, topk_ids) -> torch.Tensor:
-        return self._forward_modular(x, topk_weights, topk_ids)
-
-    def _split_or_routed_traced(self, x, topk_weights, topk_ids, lossless) -> torch.Tensor:
-        return torch.cond(lossless, self._split_traced, self._routed_traced, (x, topk_weights, topk_ids))
 
     # -- run eagerly (inside the opaque ops) ------------------------------------------------------
 
@@ -258,20 +257,16 @@ class SharedSlotExperts:
             resolve_switch_point(self, x, topk_ids)
 
     def choose_path(self, x: torch.Tensor, topk_ids: torch.Tensor) -> int:
-        """This step's path (FUSED, SPLIT or ROUTED), counted; resolves the switch point first."""
+        """This step's path (FUSED or SPLIT), counted; resolves the switch point first."""
         self._prepare(x, topk_ids)
         path = self.switch.path_for(x.shape[0])
-        if path != ROUTED:
-            self.switch._op_calls[PATH_NAMES[path]] += 1
+        self.switch._op_calls[PATH_NAMES[path]] += 1
         return path
 
     def __call__(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        path = self.choose_path(x, topk_ids)
-        if path == FUSED:
+        if self.choose_path(x, topk_ids) == FUSED:
             return self.fused(x, topk_weights, topk_ids)
-        if path == SPLIT:
-            return self.split(x, topk_weights, topk_ids)
-        return self._experts(x, topk_weights, topk_ids)
+        return self.split(x, topk_weights, topk_ids)
 
     def gate_weight(self, x: torch.Tensor) -> torch.Tensor:
         """``[tokens, 1]``: the shared expert's per-token scale, as upstream's gated MLP computes
@@ -300,3 +295,31 @@ class SharedSlotExperts:
             shared = shared.mul_(self.gate_weight(x))
         out = self._experts(x, topk_weights, topk_ids)
         return out.add_(shared, alpha=self.slot_weight)
+
+
+# -- the hook: the layer class a model is built with -------------------------------------------
+
+# vLLM's additional_config key naming a subclass of SharedSlotExperts ("module:Class") that every
+# MoE layer of the model is built as instead.
+LAYER_CLASS_KEY = "vllm_fse_layer_class"
+
+
+def layer_class(additional_config) -> type[SharedSlotExperts]:
+    """The class the model's MoE layers are built as: :class:`SharedSlotExperts`, or the subclass
+    ``additional_config[LAYER_CLASS_KEY]`` names."""
+    name = additional_config.get(LAYER_CLASS_KEY) if isinstance(additional_config, dict) else None
+    if name is None:
+        return SharedSlotExperts
+    module_name, _, class_name = str(name).partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ValueError(
+            f"vllm-fse: additional_config[{LAYER_CLASS_KEY!r}] is {name!r}; expected 'module:Class' of an "
+            f"importable class ({e})"
+        ) from e
+    if not (isinstance(cls, type) and issubclass(cls, SharedSlotExperts)):
+        raise ValueError(
+            f"vllm-fse: additional_config[{LAYER_CLASS_KEY!r}] is {name!r}, which is not a subclass of SharedSlotExperts"
+        )
+    return cls

@@ -7,9 +7,10 @@ from collections.abc import Iterable
 
 import torch
 
-from vllm_fse.auto.switch_point import BENCH_ROUTED_KEY, SwitchPoint
+from vllm_fse.auto.switch_point import SwitchPoint
 from vllm_fse.core.construction import SPLIT_MLP, MoeFamily, moe_construction
 from vllm_fse.core.decision import FsePath, FsePlan, FseSwitch, compiled_on_cpu, plan_fse
+from vllm_fse.core.layer import SharedSlotExperts, layer_class
 from vllm_fse.core.plan_log import check_draft_agrees_with_target, log_plan, record_target_plan
 from vllm_fse.core.weights import load_with_fused_shared_experts
 from vllm_fse.patches import keep_freed_cpu_heap, keep_inductor_order_of_out_variant_kernels
@@ -43,7 +44,7 @@ class FusedSharedExpertsMixin:
             keep_inductor_order_of_out_variant_kernels(vllm_config)
             if plan.switch is FseSwitch.AUTO:  # only ever on the backend-neutral path
                 keep_freed_cpu_heap()  # the split path's torch.cond branch frees its buffers every step
-        switch = None
+        switch, layer_cls = None, SharedSlotExperts
         if plan.path is FsePath.BACKEND_NEUTRAL:
             max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
             switch = (
@@ -51,10 +52,9 @@ class FusedSharedExpertsMixin:
                 if plan.switch is FseSwitch.AUTO
                 else SwitchPoint.always_fused(max_tokens)
             )
-            extra = vllm_config.additional_config
-            switch.bench_routed_path = isinstance(extra, dict) and bool(extra.get(BENCH_ROUTED_KEY))
+            layer_cls = layer_class(vllm_config.additional_config)
         dtype = vllm_config.model_config.dtype
-        with moe_construction(self.fse_family, plan, switch, dtype):
+        with moe_construction(self.fse_family, plan, switch, dtype, layer_cls):
             super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.fse_plan = plan
         self.fse_switch = switch
