@@ -94,3 +94,32 @@ def test_qwen_moe_layers_follow_upstreams_rule(config, expected):
     from vllm_fse.models.qwen_moe import qwen_moe_layer_indices
 
     assert qwen_moe_layer_indices(SimpleNamespace(**config)) == expected
+
+
+def test_split_path_keeps_the_slot_weight_when_inductor_compiles_it():
+    """The split branch adds the shared MLP's output at the slot weight. Inductor's post-grad
+    pass rewrites ``add(mm(a, b), c)`` into ``addmm`` and drops the add's ``alpha`` (torch 2.13
+    and 2.14), so with a dense MLP Inductor can see into (vLLM 0.34's CPU linear without oneDNN
+    is ``F.linear``) ``torch.add(out, shared, alpha=w)`` came out as ``out + shared``: wrong
+    tokens with VLLM_FSE=auto in vLLM 0.34's compiled CPU mode."""
+    from vllm_fse.core.layer import SharedSlotExperts
+
+    torch.manual_seed(0)
+    w_shared, w_routed = torch.randn(64, 32), torch.randn(64, 32)
+    stand_in = SimpleNamespace(
+        split_mlp=lambda x: torch.nn.functional.linear(x, w_shared),
+        gate=None,
+        _forward_modular=lambda x, weights, ids: torch.nn.functional.linear(x, w_routed),
+        slot_weight=0.4,
+    )
+    x = torch.randn(7, 32)
+    weights, ids = torch.ones(7, 2), torch.zeros(7, 2, dtype=torch.int64)
+
+    def split(x):
+        return SharedSlotExperts._split_traced(stand_in, x, weights, ids)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(split, backend="inductor", fullgraph=True)(x)
+    expected = x @ w_routed.T + 0.4 * (x @ w_shared.T)
+    torch.testing.assert_close(split(x), expected)
+    torch.testing.assert_close(compiled, expected)

@@ -186,7 +186,9 @@ class SharedSlotExperts:
         if self.gate is not None:
             shared = shared * self.gate_weight(x)
         out = self._forward_modular(x, topk_weights, topk_ids)
-        return torch.add(out, shared, alpha=self.slot_weight)
+        # Not torch.add(..., alpha=): Inductor's add(mm, x) -> addmm rewrite drops alpha when the
+        # dense MLP is a plain matmul it can see (vLLM 0.34's CPU linear without oneDNN).
+        return out + shared * self.slot_weight
 
     # -- run eagerly (inside the opaque ops) ------------------------------------------------------
 
