@@ -96,10 +96,6 @@ class SharedSlotLayout:
     def slots(self) -> range:
         return range(self.n_routed, self.n_routed + self.n_shared * self.replicas)
 
-    def slot(self, shared: int, replica: int) -> int:
-        """Global expert id of replica ``replica`` of shared expert ``shared``."""
-        return self.n_routed + replica * self.n_shared + shared
-
     def shared_of(self, slot: int) -> tuple[int, int]:
         """(shared expert, replica) that global slot ``slot`` holds."""
         replica, shared = divmod(slot - self.n_routed, self.n_shared)
